@@ -1,0 +1,128 @@
+"""Configuration schemas: one source of truth for the model, data, training and job specs.
+
+Every config is a strict pydantic model: unknown keys and wrong types are rejected up front,
+with the offending field named in the error (``mocha.config.load_job`` turns pydantic's error
+into a one-line-per-field message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EncoderKind = Literal["clip", "siglip", "dinov2", "convnext"]
+
+#: The order in which MoCHA concatenates the encoders' projected tokens (HGA group ids 0..3).
+MOCHA_ENCODER_ORDER: tuple[str, ...] = ("siglip", "convnext", "clip", "dinov2")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class EncoderConfig(StrictModel):
+    """One frozen vision encoder.
+
+    ``pretrained`` is a Hugging Face hub id or a local directory (``from_pretrained``); when it
+    is ``None`` the encoder is built with random weights from its registry's default
+    architecture updated with ``config`` (how tests and the CPU demo build tiny encoders).
+    """
+
+    kind: EncoderKind
+    pretrained: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    image_size: int | None = Field(default=None, gt=0, description="input resolution; default from the encoder config")
+    select_layer: int | None = Field(default=None, description="hidden-state index to take (CLIP default -2)")
+
+
+class ConnectorConfig(StrictModel):
+    kind: Literal["moe", "dense"] = "moe"
+    num_experts: int = Field(default=4, ge=1)
+    top_k: int = Field(default=2, ge=1)
+    balance_coef: float = Field(default=0.1, ge=0)
+    z_coef: float = Field(default=0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _top_k_le_experts(self) -> "ConnectorConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+
+class HGAConfig(StrictModel):
+    mode: Literal["graph", "attention", "off"] = "graph"
+    k: int = Field(default=10, ge=1, description="graph form: neighbours per token")
+    intra_share: float = Field(default=0.7, ge=0, le=1, description="graph form: share of k chosen inside the group")
+    num_heads: int = Field(default=8, ge=1, description="attention form: heads")
+
+
+class LLMConfig(StrictModel):
+    """The language model. ``pretrained`` is a hub id or local dir; ``None`` builds a random
+    model of ``family`` from ``config`` (tiny tests / demo)."""
+
+    family: Literal["phi", "llama"] = "phi"
+    pretrained: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = Field(default=None, description="hub id or local dir; default: same as pretrained")
+
+
+class ModelConfig(StrictModel):
+    encoders: list[EncoderConfig] = Field(
+        default_factory=lambda: [EncoderConfig(kind=k) for k in MOCHA_ENCODER_ORDER], min_length=1
+    )
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    hga: HGAConfig = Field(default_factory=HGAConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    template: Literal["plain", "vicuna_v1", "phi"] = "phi"
+    max_length: int = Field(default=2048, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_encoders(self) -> "ModelConfig":
+        kinds = [e.kind for e in self.encoders]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"encoders must be distinct, got {kinds}")
+        return self
+
+    def encoder_config_hash(self) -> str:
+        """Hash of everything that determines the frozen encoders' outputs (for feature shards)."""
+        payload = json.dumps([e.model_dump() for e in self.encoders], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """A config file failed validation; the message names every bad field."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_model(cls: type[BaseModel], data: dict[str, Any], source: str):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
