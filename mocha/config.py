@@ -59,6 +59,9 @@ class HGAConfig(StrictModel):
     k: int = Field(default=10, ge=1, description="graph form: neighbours per token")
     intra_share: float = Field(default=0.7, ge=0, le=1, description="graph form: share of k chosen inside the group")
     num_heads: int = Field(default=8, ge=1, description="attention form: heads")
+    chunk_size: int | None = Field(
+        default=None, ge=1, description="graph form: images per chunk, bounds the [chunk, N, N] memory; None = all"
+    )
 
 
 class LLMConfig(StrictModel):

@@ -1,0 +1,179 @@
+"""Hierarchical Group Attention: the batched graph form against a per-image, per-edge loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mocha.config import HGAConfig
+from mocha.model.hga import (
+    AttentionHGA,
+    GraphHGA,
+    NoHGA,
+    build_hga,
+    group_ids_from_sizes,
+    hga_graph,
+    hga_graph_batched,
+)
+
+
+def reference_hga_graph(x: torch.Tensor, group_ids: list[int], k: int, intra_share: float):
+    """One image, written from the issue's definition with Python loops over tokens and edges (float64)."""
+    x = x.double()
+    n_tokens, dim = x.shape
+    norms = [x[i].norm().item() for i in range(n_tokens)]
+    scale = math.exp(1.0 / (sum(norms) / n_tokens))
+
+    def score(i, j):
+        return (x[i] @ x[j]).item() / (max(norms[i], 1e-12) * max(norms[j], 1e-12)) * scale
+
+    intra_k = int(k * intra_share)
+    inter_k = k - intra_k
+    edges = []  # (i, j, s)
+    for i in range(n_tokens):
+        inside = [j for j in range(n_tokens) if group_ids[j] == group_ids[i] and j != i]
+        outside = [j for j in range(n_tokens) if group_ids[j] != group_ids[i]]
+        for candidates, cap in ((inside, intra_k), (outside, inter_k)):
+            ranked = sorted(candidates, key=lambda j: -score(i, j))
+            edges += [(i, j, score(i, j)) for j in ranked[: min(cap, len(candidates))]]
+
+    lo = min((s for _, _, s in edges), default=0.0)
+    hi = max((s for _, _, s in edges), default=0.0)
+    weighted = [(i, j, (s - lo) / (hi - lo + 1e-8)) for i, j, s in edges]
+    weighted += [(j, i, w) for i, j, w in weighted]
+
+    out, gates = [], []
+    for i in range(n_tokens):
+        numerator = torch.zeros(dim, dtype=torch.float64)
+        denominator = 0.0
+        for src, dst, w in weighted:
+            if src == i:
+                numerator += w * x[dst]
+                denominator += w
+        x_agg = numerator / (denominator + 1e-8)
+        gate = 1.0 / (1.0 + math.exp(-10.0 * ((x[i] - x_agg).abs().mean().item() - 0.2)))
+        y = (1 - gate) * x[i] + gate * x_agg
+        out.append((y - y.mean()) / torch.sqrt(y.var(unbiased=False) + 1e-5))
+        gates.append(gate)
+    return torch.stack(out), torch.tensor(gates, dtype=torch.float64)
+
+
+CASES = [
+    # (group sizes, k, intra_share)
+    ([4, 3, 5, 2], 10, 0.7),  # the defaults, groups smaller than intra_k
+    ([1, 4, 1, 3], 10, 0.7),  # groups of size 1: no intra neighbours
+    ([6, 5], 3, 0.7),  # small k: intra 2, inter 1
+    ([3, 3, 3], 40, 0.5),  # k larger than every group and than N
+    ([7], 5, 0.7),  # one group: no inter neighbours
+    ([2, 3], 4, 0.0),  # all k across groups
+    ([2, 3], 4, 1.0),  # all k inside groups
+]
+
+
+@pytest.mark.parametrize("sizes,k,share", CASES)
+def test_batched_graph_matches_per_image_loop(sizes, k, share):
+    torch.manual_seed(sum(sizes) * 7 + k)
+    group_ids = group_ids_from_sizes(sizes)
+    x = torch.randn(3, len(group_ids), 8) * torch.tensor([0.5, 1.0, 3.0])[:, None, None]  # images differ in scale
+    out, gate = hga_graph_batched(x, group_ids, k, share)
+    assert out.shape == x.shape and gate.shape == x.shape[:2]
+    for b in range(x.shape[0]):
+        ref_out, ref_gate = reference_hga_graph(x[b], group_ids.tolist(), k, share)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gate[b].double(), ref_gate, atol=1e-5, rtol=0)
+
+
+def test_non_contiguous_group_ids_and_single_image_form():
+    torch.manual_seed(1)
+    group_ids = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0])
+    x = torch.randn(9, 6)
+    out, gate = hga_graph(x, group_ids, k=4, intra_share=0.5)
+    ref_out, ref_gate = reference_hga_graph(x, group_ids.tolist(), 4, 0.5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gate.double(), ref_gate, atol=1e-5, rtol=0)
+
+
+def test_images_are_independent_and_chunking_changes_nothing():
+    torch.manual_seed(2)
+    group_ids = group_ids_from_sizes([3, 4, 2])
+    x = torch.randn(5, 9, 6)
+    out, gate = hga_graph_batched(x, group_ids, k=5)
+    for chunk_size in (1, 2, 5):
+        chunked = hga_graph_batched(x, group_ids, k=5, chunk_size=chunk_size)
+        torch.testing.assert_close(chunked[0], out, atol=1e-6, rtol=0)
+        torch.testing.assert_close(chunked[1], gate, atol=1e-6, rtol=0)
+    alone = hga_graph(x[3], group_ids, k=5)
+    torch.testing.assert_close(alone[0], out[3], atol=1e-6, rtol=0)
+
+
+def test_graph_is_differentiable_and_keeps_dtype():
+    torch.manual_seed(3)
+    x = torch.randn(2, 7, 8, requires_grad=True)
+    out, gate = hga_graph_batched(x, group_ids_from_sizes([3, 4]), k=4)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    half, half_gate = hga_graph_batched(x.detach().bfloat16(), group_ids_from_sizes([3, 4]), k=4)
+    assert half.dtype == half_gate.dtype == torch.bfloat16
+
+
+def test_graph_module_and_gate_range():
+    torch.manual_seed(4)
+    module = build_hga(HGAConfig(mode="graph", k=6, intra_share=0.5, chunk_size=2), dim=8, group_sizes=[2, 5, 3])
+    assert isinstance(module, GraphHGA)
+    x = torch.randn(3, 10, 8) * 0.3
+    result = module(x)
+    expected = hga_graph_batched(x, group_ids_from_sizes([2, 5, 3]), k=6, intra_share=0.5)
+    torch.testing.assert_close(result.hidden_states, expected[0])
+    assert ((result.gate >= 0) & (result.gate <= 1)).all()
+    assert result.gate.std() > 0  # a per-token gate, not a constant
+    with pytest.raises(ValueError, match=r"N=10"):
+        module(torch.randn(3, 9, 8))
+
+
+def test_attention_form_shapes_gradients_and_group_restriction():
+    torch.manual_seed(5)
+    sizes = [3, 2, 4]
+    module = build_hga(HGAConfig(mode="attention", num_heads=2), dim=8, group_sizes=sizes)
+    assert isinstance(module, AttentionHGA)
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    result = module(x)
+    assert result.hidden_states.shape == (2, 9, 8) and result.gate.shape == (2, 9)
+    assert ((result.gate >= 0) & (result.gate <= 1)).all()
+    torch.testing.assert_close(module(x).hidden_states, result.hidden_states)  # deterministic
+    result.hidden_states.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+    assert x.grad.abs().sum() > 0
+
+    # Changing group 2's tokens moves group 0's output only through the cross-group step.
+    x, moved = x.detach(), x.detach().clone()
+    moved[:, 5:] += torch.randn(2, 4, 8)
+    assert not torch.allclose(module(moved).hidden_states[:, :3], module(x).hidden_states[:, :3])
+    with torch.no_grad():  # gate closed: the output is the intra-group step alone
+        module.gate.weight.zero_()
+        module.gate.bias.fill_(-1e4)
+    torch.testing.assert_close(module(moved).hidden_states[:, :3], module(x).hidden_states[:, :3])
+    assert not torch.allclose(module(moved).hidden_states[:, 5:], module(x).hidden_states[:, 5:])
+
+
+def test_attention_form_rejects_bad_heads():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        AttentionHGA(dim=10, group_sizes=[2, 2], num_heads=4)
+
+
+def test_off_is_identity_with_zero_gate():
+    x = torch.randn(2, 5, 4)
+    module = build_hga(HGAConfig(mode="off"), dim=4, group_sizes=[2, 3])
+    assert isinstance(module, NoHGA)
+    result = module(x)
+    assert torch.equal(result.hidden_states, x) and torch.equal(result.gate, torch.zeros(2, 5))
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="group_sizes"):
+        group_ids_from_sizes([3, 0])
+    with pytest.raises(ValueError, match="group_ids"):
+        hga_graph_batched(torch.randn(1, 4, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        hga_graph(torch.randn(1, 4, 2), torch.zeros(4, dtype=torch.long))
