@@ -38,6 +38,9 @@ class EncoderConfig(StrictModel):
     config: dict[str, Any] = Field(default_factory=dict)
     image_size: int | None = Field(default=None, gt=0, description="input resolution; default from the encoder config")
     select_layer: int | None = Field(default=None, description="hidden-state index to take (CLIP default -2)")
+    channel_pool: int | None = Field(
+        default=None, ge=1, description="average-pool the feature dim by this factor (official ConvNeXt: 3)"
+    )
 
 
 class ConnectorConfig(StrictModel):
