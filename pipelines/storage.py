@@ -1,0 +1,165 @@
+"""One view of local folders and ``s3://`` buckets: resolve, read, list, and write atomically.
+
+Every URL is either a local path (``/data/x``, ``file:///data/x``) or ``s3://bucket/key``.
+S3 goes through ``pyarrow.fs.S3FileSystem`` (what Ray Data takes as ``filesystem=``) with the
+standard AWS credential chain; the endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` variables (MinIO, a local moto server) and the region from ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``. Nothing here reads, stores or logs credentials.
+
+Atomic writes: a reader never sees a half-written file. Locally the bytes go to a temporary
+file in the destination folder and are renamed into place; on S3 they are spooled to a local
+temporary file and uploaded in one request only once complete (an S3 object appears only when
+its upload completes), so a crash mid-write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+_COPY_CHUNK = 8 << 20
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path components onto a local path or URL with ``/``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem for the current environment (endpoint and region variables)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _s3_filesystem(endpoint, region)
+
+
+def resolve_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """Map a local path or ``s3://`` URL to ``(filesystem, path inside it)``."""
+    if is_s3(url):
+        path = url[len("s3://"):].rstrip("/")
+        if not path or path.startswith("/"):
+            raise ValueError(f"not a valid S3 URL (want s3://bucket/key): {url!r}")
+        return s3_filesystem(), path
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        raise ValueError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/key")
+    return pafs.LocalFileSystem(), str(Path(url).expanduser().resolve())
+
+
+def exists(url: str) -> bool:
+    fs, path = resolve_filesystem(url)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def file_size(url: str) -> int | None:
+    """Size in bytes of a file, or ``None`` when it does not exist."""
+    fs, path = resolve_filesystem(url)
+    info = fs.get_file_info(path)
+    return None if info.type == pafs.FileType.NotFound else info.size
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole file; raises ``FileNotFoundError`` naming the URL when it is missing."""
+    fs, path = resolve_filesystem(url)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {url}") from None
+    except OSError as e:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such file: {url}") from None
+        raise OSError(f"cannot read {url}: {e}") from e
+
+
+@contextlib.contextmanager
+def open_input(url: str) -> Iterator[BinaryIO]:
+    """A sequential binary reader (for streaming large files such as tar shards)."""
+    fs, path = resolve_filesystem(url)
+    with fs.open_input_stream(path) as f:
+        yield f
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """Sorted URLs of the files directly inside folder ``url`` whose names end with ``suffix``;
+    an empty list when the folder does not exist."""
+    fs, path = resolve_filesystem(url)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    names = sorted(basename(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [join_url(url, n) for n in names]
+
+
+def delete(url: str) -> None:
+    """Remove a file; a missing file is not an error."""
+    fs, path = resolve_filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+@contextlib.contextmanager
+def atomic_writer(url: str) -> Iterator[BinaryIO]:
+    """Write ``url`` so that it appears only complete: yields a binary file; on a clean exit the
+    bytes are published in one step, on an exception nothing is published."""
+    fs, path = resolve_filesystem(url)
+    if isinstance(fs, pafs.LocalFileSystem):
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    with tempfile.TemporaryFile() as spool:
+        yield spool
+        spool.seek(0)
+        with fs.open_output_stream(path) as out:
+            shutil.copyfileobj(spool, out, _COPY_CHUNK)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomically write ``data`` to ``url``."""
+    with atomic_writer(url) as f:
+        f.write(data)
+
+
+def upload_file(local_path: str | Path, url: str) -> None:
+    """Atomically copy a local file to ``url`` (local or S3)."""
+    with open(local_path, "rb") as src, atomic_writer(url) as dst:
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)

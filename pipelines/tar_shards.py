@@ -1,0 +1,162 @@
+"""Byte-reproducible tar shards, published atomically, with done-markers for resuming.
+
+Every member header is fixed (mtime 0, uid/gid 0, no owner names, mode 0644, USTAR), so the
+same members in the same order give the same bytes on every run and machine. A shard is
+written through :func:`pipelines.storage.atomic_writer` (never visible half-written) while its
+SHA-256 is computed, and then a small done-marker ``_progress/<shard>.json`` records its
+count, size, digest and the digest of the *plan* it was built from. A rerun skips a shard only
+when the marker's plan digest matches the new plan and the file on storage still has the
+recorded size and SHA-256; anything else is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import BinaryIO
+
+from pipelines import storage
+
+PROGRESS_DIR = "_progress"
+_HASH_CHUNK = 8 << 20
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A published shard as the manifest lists it."""
+
+    name: str
+    count: int
+    size: int
+    sha256: str
+
+
+class _HashingWriter:
+    """File-like wrapper that counts and hashes what tarfile writes."""
+
+    def __init__(self, out: BinaryIO):
+        self.out, self.sha256, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class TarShard:
+    """The shard being written: ``add(name, data)`` appends a member; ``info`` is set once
+    the shard is published (see :func:`write_tar_shard`)."""
+
+    def __init__(self, tar: tarfile.TarFile, name: str):
+        self._tar, self.name = tar, name
+        self._keys: set[str] = set()
+        self.info: ShardInfo | None = None
+
+    @property
+    def count(self) -> int:
+        """Samples so far (distinct keys; a key is a member name up to its first dot)."""
+        return len(self._keys)
+
+    def add(self, name: str, data: bytes) -> None:
+        header = tarfile.TarInfo(name)
+        header.size, header.mtime, header.mode = len(data), 0, 0o644
+        header.uid = header.gid = 0
+        header.uname = header.gname = ""
+        self._tar.addfile(header, io.BytesIO(data))
+        self._keys.add(name.split(".", 1)[0])
+
+
+@contextlib.contextmanager
+def write_tar_shard(url: str) -> Iterator[TarShard]:
+    """Write a tar shard to ``url``, published atomically when the block exits cleanly (an
+    exception publishes nothing). After the block, ``shard.info`` holds its size and SHA-256."""
+    with storage.atomic_writer(url) as out:
+        hashing = _HashingWriter(out)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            shard = TarShard(tar, storage.basename(url))
+            yield shard
+        info = ShardInfo(name=shard.name, count=shard.count, size=hashing.size, sha256=hashing.sha256.hexdigest())
+    shard.info = info
+
+
+def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """Stream ``(member name, bytes)`` from a tar on local disk or S3 without loading it whole."""
+    with storage.open_input(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                f = tar.extractfile(member)
+                yield member.name, f.read() if f is not None else b""
+
+
+def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key: ``(key, {extension: bytes})`` in tar order."""
+    key, sample = None, {}
+    for name, data in iter_tar_members(url):
+        k, _, ext = name.partition(".")
+        if k != key and sample:
+            yield key, sample
+            sample = {}
+        key = k
+        sample[ext] = data
+    if sample:
+        yield key, sample
+
+
+def sha256_of(url: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_input(url) as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def marker_url(output: str, name: str) -> str:
+    return storage.join_url(output, PROGRESS_DIR, f"{name}.json")
+
+
+def write_marker(output: str, info: ShardInfo, plan_sha256: str) -> None:
+    payload = {**asdict(info), "plan_sha256": plan_sha256}
+    storage.write_bytes(marker_url(output, info.name), json.dumps(payload, sort_keys=True).encode())
+
+
+def completed_shard(output: str, name: str, plan_sha256: str) -> ShardInfo | None:
+    """The shard's info if it is complete for this plan (marker matches, bytes verified)."""
+    marker = marker_url(output, name)
+    if not storage.exists(marker):
+        return None
+    try:
+        payload = json.loads(storage.read_bytes(marker))
+        info = ShardInfo(name=payload["name"], count=payload["count"], size=payload["size"], sha256=payload["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    url = storage.join_url(output, name)
+    if payload.get("plan_sha256") != plan_sha256 or info.name != name or storage.file_size(url) != info.size:
+        return None
+    return info if sha256_of(url) == info.sha256 else None
+
+
+def remove_stale_shards(output: str, keep: int) -> list[str]:
+    """Delete ``shard-NNNNNN.tar`` files (and markers) numbered ``>= keep``, left by an earlier
+    run over a larger input; returns the names removed."""
+    removed = []
+    for url in storage.list_files(output, ".tar"):
+        name = storage.basename(url)
+        stem = name[len("shard-"):-len(".tar")]
+        if name.startswith("shard-") and stem.isdigit() and int(stem) >= keep:
+            storage.delete(url)
+            storage.delete(marker_url(output, name))
+            removed.append(name)
+    return removed
