@@ -72,7 +72,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from mocha.config import EncoderConfig
+from mocha.config import MOCHA_ENCODER_ORDER, EncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +387,13 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
         select_layer=spec.select_layer if cfg.select_layer is None else cfg.select_layer,
         channel_pool=spec.channel_pool if cfg.channel_pool is None else cfg.channel_pool,
     )
+
+
+def real_encoder_configs(pretrained: bool = False) -> list[EncoderConfig]:
+    """The paper's four encoders in MoCHA's order: the default checkpoints when ``pretrained``,
+    else random weights of the same architectures (for sizing on the ``meta`` device)."""
+    return [EncoderConfig(kind=kind, pretrained=ENCODERS[kind].default_pretrained if pretrained else None)
+            for kind in MOCHA_ENCODER_ORDER]
 
 
 def build_encoders(cfgs: list[EncoderConfig], device: str | torch.device = "cpu",

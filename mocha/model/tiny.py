@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from mocha.config import MOCHA_ENCODER_ORDER, EncoderConfig, LLMConfig, ModelConfig
 
-TINY_VOCAB_SIZE = 512
+#: Matches ``mocha.text.tokenizer.train_bpe_tokenizer``'s default size, so no resize is needed.
+TINY_VOCAB_SIZE = 1024
 TINY_MAX_POSITIONS = 512
 
 _TINY_ENCODERS: dict[str, dict[str, Any]] = {
@@ -46,11 +47,15 @@ _TINY_ENCODERS: dict[str, dict[str, Any]] = {
     },
 }
 
+_TINY_LLM_SHAPE = {"vocab_size": TINY_VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": TINY_MAX_POSITIONS}
+
+#: Special-token ids follow the local tokenizers (``mocha.text.tokenizer``), whose special tokens
+#: take the lowest ids: phi ``<|endoftext|>``=0 (BOS, EOS and PAD); llama ``<s>``=0, ``</s>``=1,
+#: ``<unk>``=2 (also PAD).
 _TINY_LLMS: dict[str, dict[str, Any]] = {
-    "phi": {"vocab_size": TINY_VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": TINY_MAX_POSITIONS},
-    "llama": {"vocab_size": TINY_VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": TINY_MAX_POSITIONS},
+    "phi": {**_TINY_LLM_SHAPE, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0},
+    "llama": {**_TINY_LLM_SHAPE, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2},
 }
 
 
@@ -60,7 +65,8 @@ def tiny_encoder_configs() -> list[EncoderConfig]:
 
 
 def tiny_llm_config(family: Literal["phi", "llama"] = "phi") -> LLMConfig:
-    """A 2-layer, 64-wide, 4-head LLM of the given family (vocab 512, 512 positions)."""
+    """A 2-layer, 64-wide, 4-head LLM of the given family (vocab 1024, 512 positions); every other
+    field comes from the family's real architecture (``mocha.model.llm.REAL_LLM_CONFIGS``)."""
     if family not in _TINY_LLMS:
         raise ValueError(f"unknown LLM family {family!r}; known: {sorted(_TINY_LLMS)}")
     return LLMConfig(family=family, config=dict(_TINY_LLMS[family]))
