@@ -1,0 +1,48 @@
+"""Weights that cross stage boundaries: the stage-1 -> stage-2 hand-off (connectors + HGA,
+loaded by exact key) and the consolidated export at the end of a run."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mocha.config import ConfigError
+from mocha.train.job import JobConfig
+
+HANDOFF_PARTS = ("connectors", "hga")
+EXPORT_DIR = "export"
+
+
+def load_trainable(model, url: str) -> None:
+    """Load ``trainable.safetensors`` (connectors + HGA) from a local dir or ``s3://`` URL.
+    Every connector must be present (the official scripts silently skip DINOv2's)."""
+    from safetensors.torch import load
+
+    from mocha.model.mocha import TRAINABLE_NAME
+    from pipelines import storage
+
+    blob = storage.read_bytes(storage.join_url(url, TRAINABLE_NAME))
+    state = load(blob)
+    try:
+        model.load_part_state_dict(state, HANDOFF_PARTS)
+    except KeyError as e:
+        raise ConfigError(f"init.trainable_from={url}: {e.args[0]}") from None
+
+
+def save_export(job: JobConfig, model, state: dict[str, torch.Tensor], tokenizer) -> str:
+    """Write ``<storage>/<run>/export``: the whole model in ``save_pretrained`` form, the
+    trainable part alone for the next stage, and the tokenizer. Returns the export URL."""
+    from mocha.train.launcher import run_dir_url
+    from pipelines import storage
+
+    url = storage.join_url(run_dir_url(job), EXPORT_DIR)
+    with tempfile.TemporaryDirectory(prefix="mocha-export-") as tmp:
+        model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp, state_dict=state, parts=HANDOFF_PARTS)
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            storage.upload_file(path, storage.join_url(url, path.name))
+    print(f"[mocha] exported the trained model to {url}")
+    return url

@@ -1,0 +1,82 @@
+"""Per-step training metrics: reduced over workers, reported to Ray, kept as ``metrics.jsonl``.
+
+``metrics.jsonl`` (one JSON object per optimizer step) is written into every checkpoint and to
+``<storage>/<run>/metrics.jsonl``; a resumed run restores the history from its checkpoint, so
+the file always covers the whole run exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mocha.train.job import JobConfig
+
+if TYPE_CHECKING:
+    from mocha.train.loop import StepMetrics
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+class MetricsLog:
+    def __init__(self, job: JobConfig, rank: int):
+        self.job, self.rank = job, rank
+        self.records: list[dict] = []
+
+    def step_record(self, step: int, m: "StepMetrics", micro_batches: int, elapsed: float, data_wait: float,
+                    lr: float) -> dict:
+        """Average this step's numbers over micro-batches and workers; rank 0 logs and keeps it."""
+        scalars = torch.tensor([m.loss, m.lm_loss, m.balance_loss, m.z_loss, m.moe_llm_loss, micro_batches,
+                                m.tokens, m.samples, m.masked_samples, elapsed, data_wait], dtype=torch.float64)
+        kinds = sorted(m.expert_load)
+        loads = torch.stack([m.expert_load[k] for k in kinds]).double() if kinds else torch.zeros(0)
+        scalars = _all_reduce_sum(scalars)
+        loads = _all_reduce_sum(loads) if kinds else loads
+        loss, lm, bal, z, moe, mbs, tokens, samples, masked, elapsed_sum, wait_sum = scalars.tolist()
+        world = max(1, round(mbs / max(1, micro_batches)))
+        step_time = elapsed_sum / world
+        record = {
+            "step": step, "stage": self.job.stage, "loss": loss / mbs, "lm_loss": lm / mbs,
+            "balance_loss": bal / mbs, "z_loss": z / mbs, "lr": lr,
+            "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
+            "samples": int(samples), "masked_samples": int(masked),
+            "step_time_s": step_time, "data_wait_s": wait_sum / world,
+            "data_wait_fraction": (wait_sum / elapsed_sum) if elapsed_sum > 0 else 0.0,
+        }
+        if self.job.moe_llm.enabled:
+            record["moe_llm_loss"] = moe / mbs
+        for i, kind in enumerate(kinds):
+            total = loads[i].sum().item()
+            record[f"expert_load/{kind}"] = [round(v / total, 6) if total else 0.0 for v in loads[i].tolist()]
+        if self.rank == 0:
+            self.records.append(record)
+            if step % self.job.schedule.log_every == 0:
+                print(f"[mocha] stage {self.job.stage} step {step}: loss {record['loss']:.4f} "
+                      f"(lm {record['lm_loss']:.4f}, balance {record['balance_loss']:.4f}, z {record['z_loss']:.4f}) "
+                      f"lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s data-wait {record['data_wait_fraction']:.1%}",
+                      flush=True)
+        return record
+
+    def write(self, directory: str | Path) -> None:
+        """Write the history into a checkpoint dir and to the run dir on storage (rank 0)."""
+        from mocha.train.launcher import run_dir_url
+        from pipelines import storage
+
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        Path(directory, METRICS_FILE).write_text(text)
+        storage.write_bytes(storage.join_url(run_dir_url(self.job), METRICS_FILE), text.encode())
+
+    def restore(self, directory: str | Path) -> None:
+        path = Path(directory, METRICS_FILE)
+        if path.exists():
+            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,53 @@
+"""The training shard list, read from the pipelines' manifests (text/image shards, and the
+aligned feature shards when training from features), checked before any worker starts."""
+
+from __future__ import annotations
+
+import json
+
+from mocha.config import ConfigError, ModelConfig
+from mocha.train.data import ShardRef
+
+MANIFEST = "manifest.json"
+
+
+def _read_manifest(url: str, what: str) -> dict:
+    from pipelines import storage
+
+    manifest_url = storage.join_url(url, MANIFEST)
+    try:
+        return json.loads(storage.read_bytes(manifest_url))
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no {MANIFEST} at {url} (build it with `mocha data "
+                          f"{'features' if what == 'data.features' else 'shard'}`)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}: {manifest_url} is not valid JSON: {e}") from None
+
+
+def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfig) -> list[ShardRef]:
+    """Shards to train on, in manifest order. From features: the feature shards (which carry the
+    conversation json too), after checking their encoder config hash against the model's."""
+    from pipelines import storage
+
+    manifest = _read_manifest(shards_url, "data.shards")
+    shards = [(s["name"], int(s["count"])) for s in manifest["shards"]]
+    if not shards:
+        raise ConfigError(f"data.shards: the manifest at {shards_url} lists no shards")
+    if features_url is None:
+        return [ShardRef(name, storage.join_url(shards_url, name), n) for name, n in shards]
+    from pipelines.features import FeatureManifest
+
+    features = FeatureManifest.load(features_url)
+    try:
+        features.check_compatible(model)
+    except ValueError as e:
+        raise ConfigError(f"data.features: {e}") from None
+    counts = {s.name: s.count for s in features.shards}
+    missing = [name for name, _ in shards if name not in counts]
+    if missing:
+        raise ConfigError(f"data.features: {len(missing)} shard(s) have no features yet (e.g. {missing[0]}); "
+                          "run `mocha data features` to finish")
+    bad = [name for name, n in shards if counts[name] != n]
+    if bad:
+        raise ConfigError(f"data.features: sample counts differ from the shard manifest for {bad[:3]}")
+    return [ShardRef(name, storage.join_url(features_url, name), n) for name, n in shards]
