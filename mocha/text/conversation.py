@@ -167,7 +167,9 @@ def validate_conversation(conversations: Any, sample_id: str | None = None, requ
             raise ConversationError(f"{where}: turn {i} must be an object with 'from' and 'value'")
         expected = HUMAN if i % 2 == 0 else GPT
         if turn["from"] != expected:
-            raise ConversationError(f"{where}: turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate, human first)")
+            raise ConversationError(
+                f"{where}: turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate, human first)"
+            )
         value = turn["value"]
         if not isinstance(value, str) or not value.strip():
             raise ConversationError(f"{where}: turn {i} ('{expected}') has an empty or non-string 'value'")
@@ -214,7 +216,9 @@ def render_conversation(conversations: Sequence[dict], template: str, sample_id:
 
 def _tokenizer_adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a").input_ids[:1] == [bos] and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]
+    if bos is None:
+        return False
+    return tokenizer("a").input_ids[:1] == [bos] and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]
 
 
 def _check_turn_end(tokenizer, template: Template) -> None:
@@ -308,7 +312,9 @@ def tokenize_conversation(
     return _fit_length(TokenizedSample(ids, labels), max_length, num_image_tokens, sample_id)
 
 
-def _fit_length(sample: TokenizedSample, max_length: int | None, num_image_tokens: int, sample_id: str | None) -> TokenizedSample:
+def _fit_length(
+    sample: TokenizedSample, max_length: int | None, num_image_tokens: int, sample_id: str | None
+) -> TokenizedSample:
     image_positions = [i for i, tok in enumerate(sample.input_ids) if tok == IMAGE_TOKEN_INDEX]
     extra = len(image_positions) * (num_image_tokens - 1)  # each placeholder id expands in place
     if max_length is None or len(sample.input_ids) + extra <= max_length:

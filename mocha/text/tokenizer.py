@@ -96,7 +96,8 @@ def train_bpe_tokenizer(
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = special.unique()
     if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(specials)} (bytes + special tokens), got {vocab_size}")
+        minimum = len(alphabet) + len(specials)
+        raise ValueError(f"vocab_size must be at least {minimum} (bytes + special tokens), got {vocab_size}")
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -147,12 +147,14 @@ def test_too_long_for_the_image_is_rejected_not_cut(tokenizers):
     image_position = tokenize_conversation(MULTI_TURN, tokenizer, "phi").input_ids.index(IMAGE_TOKEN_INDEX)
     num_image_tokens = 64
     # Image tokens end at image_position + 64: one short of that rejects the sample.
-    sample = tokenize_conversation(MULTI_TURN, tokenizer, "phi", max_length=image_position + num_image_tokens - 1, num_image_tokens=num_image_tokens)
+    too_short = image_position + num_image_tokens - 1
+    sample = tokenize_conversation(MULTI_TURN, tokenizer, "phi", max_length=too_short, num_image_tokens=num_image_tokens)
     assert sample.status == STATUS_TOO_LONG_IMAGE_CUT and not sample.trainable
     assert sample.labels == [IGNORE_INDEX] * len(sample.input_ids)
     assert len(sample.input_ids) == plain_len  # returned whole for counting, never cut
     # Exactly enough room for the image tokens but no reply: nothing to learn.
-    sample = tokenize_conversation(MULTI_TURN, tokenizer, "phi", max_length=image_position + num_image_tokens, num_image_tokens=num_image_tokens)
+    just_the_image = image_position + num_image_tokens
+    sample = tokenize_conversation(MULTI_TURN, tokenizer, "phi", max_length=just_the_image, num_image_tokens=num_image_tokens)
     assert sample.status == STATUS_NO_SUPERVISED_TOKENS and not sample.trainable
 
 
