@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +109,9 @@ class DatasetPaths:
     stage1: Path
     stage2: Path
     stage2_eval: Path
-    pope: dict[str, Path] = field(default_factory=dict)
-    mme_dir: Path | None = None
-    corpus: Path | None = None
+    pope: dict[str, Path]  # strategy -> question file
+    mme_dir: Path
+    corpus: Path
 
     @classmethod
     def under(cls, root: str | Path) -> "DatasetPaths":
