@@ -38,6 +38,8 @@ class EncoderConfig(StrictModel):
     config: dict[str, Any] = Field(default_factory=dict)
     image_size: int | None = Field(default=None, gt=0, description="input resolution; default from the encoder config")
     select_layer: int | None = Field(default=None, description="hidden-state index to take (CLIP default -2)")
+    init_seed: int = Field(default=0, description="seed of the random init when `pretrained` is None, so that "
+                           "every process (feature pipeline, trainers, export) builds the same frozen weights")
     channel_pool: int | None = Field(
         default=None, ge=1, description="average-pool the feature dim by this factor (official ConvNeXt: 3)"
     )

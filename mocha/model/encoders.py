@@ -372,7 +372,10 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
         if cfg.image_size is not None:
             config_kwargs["image_size"] = cfg.image_size
         config = spec.config_cls(**config_kwargs)
-        with device:
+        # Frozen random weights must be the same in every process that builds them (feature
+        # pipeline, trainers, export): seed the init, leaving the caller's RNG untouched.
+        with torch.random.fork_rng(devices=[]), device:
+            torch.manual_seed(cfg.init_seed)
             model = spec.model_cls(config)
         _apply_block_norm_eps(model)
         if dtype is not None:

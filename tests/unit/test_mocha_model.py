@@ -170,3 +170,19 @@ def test_generate_is_deterministic_greedy(model):
     a = model.generate(ids, pixel_values=px, max_new_tokens=5, pad_token_id=0)
     b = model.generate(ids, pixel_values=px, max_new_tokens=5, pad_token_id=0)
     assert a.shape[1] <= 5 and torch.equal(a, b)
+
+
+def test_random_init_encoders_are_reproducible_across_processes():
+    """The feature pipeline and the trainers build the frozen random encoders independently:
+    the weights must not depend on the global RNG state at build time."""
+    from mocha.model.encoders import build_encoder
+    from mocha.model.tiny import tiny_encoder_configs
+
+    cfg = tiny_encoder_configs()[1]
+    torch.manual_seed(1)
+    a = build_encoder(cfg)
+    torch.manual_seed(2)
+    b = build_encoder(cfg)
+    c = build_encoder(cfg.model_copy(update={"init_seed": 7}))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
