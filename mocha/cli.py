@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("mocha.smoke", "build a tiny random MoCHA model and run one forward/backward/generate"),
+    "data": ("pipelines.cli", "build datasets on Ray Data: `data shard` (LLaVA JSON -> WebDataset shards), `data features`"),
     "train": ("mocha.train.cli", "train stage 1 or 2 from a job YAML (Ray Train + DeepSpeed)"),
     "submit": ("mocha.train.submit", "submit a job YAML to a running Ray cluster (Ray Job SDK) and follow it"),
 }

@@ -195,6 +195,12 @@ class _ShardPlanner:
             self.lines = []
 
 
+def _tasks(cfg: ShardJobConfig):
+    import ray.data
+
+    return ray.data.TaskPoolStrategy(size=cfg.concurrency)
+
+
 def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
     """Run the shard job (Ray must be initialized, see :func:`pipelines.ray_runtime.ensure_ray`)."""
     import ray
@@ -235,7 +241,7 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
         # Stage 2: inspect images in Ray tasks; plan shards from the ordered verdicts.
         if record_blocks:
             verdicts = ray.data.from_arrow_refs(record_blocks).map_batches(
-                _inspect_images, batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                _inspect_images, batch_format="pyarrow", batch_size=cfg.batch_size, compute=_tasks(cfg),
                 fn_kwargs={"images": cfg.images, "max_pixels": cfg.max_image_pixels})
             with tqdm(total=candidates, desc="images", unit="img", disable=not progress) as bar:
                 for batch in verdicts.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -254,7 +260,7 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
         reused = 0
         if planner.blocks:
             written = ray.data.from_arrow_refs(planner.blocks).map_batches(
-                _write_shards, batch_format="pyarrow", batch_size=1, concurrency=cfg.concurrency,
+                _write_shards, batch_format="pyarrow", batch_size=1, compute=_tasks(cfg),
                 fn_kwargs={"images": cfg.images, "output": cfg.output})
             with tqdm(total=len(planner.blocks), desc="shards", unit="shard", disable=not progress) as bar:
                 for row in written.iter_rows():

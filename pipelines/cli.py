@@ -1,0 +1,138 @@
+"""Build training data on Ray Data.
+
+  mocha data shard     LLaVA JSON/JSONL + images -> WebDataset tar shards, manifest.json, quarantine.jsonl
+  mocha data features  a shard set -> aligned frozen-encoder feature shards + manifest.json
+
+Every path may be local or s3://bucket/prefix. S3 uses the standard AWS credential chain; point
+at MinIO or a local S3 with AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3). Both jobs are
+deterministic (a rerun writes byte-identical files) and resumable (rerun the same command after
+a crash: finished shards are verified and kept). The driver connects to RAY_ADDRESS or
+--ray-address when set, else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.validation import DEFAULT_MAX_PIXELS, Reason
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to run on (default: $RAY_ADDRESS, else start a local Ray)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (the final summary is still printed)")
+
+
+def _add_shard_parser(sub) -> None:
+    p = sub.add_parser(
+        "shard", help="LLaVA JSON + images -> WebDataset shards with manifest and quarantine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Convert a LLaVA-style dataset into WebDataset tar shards shard-000000.tar, ... holding exactly\n"
+            "--samples-per-shard samples each (the last may hold fewer). Members: {key}.json (the record,\n"
+            "original id included) and {key}.jpg|png|webp (the original image bytes, never re-encoded);\n"
+            "keys are <input position>-<sanitized id>. Rejected records are written to quarantine.jsonl with\n"
+            "their reason; accepted + quarantined = input records. manifest.json lists every shard's\n"
+            "sample count, size and SHA-256, the totals, the input fingerprint and quarantine counts.\n\n"
+            "Quarantine reasons: " + ", ".join(r.value for r in Reason)))
+    p.add_argument("--input", required=True,
+                   help="LLaVA JSON list ([{id, image?, conversations}, ...]) or JSON Lines file; local or s3://")
+    p.add_argument("--images", required=True, help="folder the records' 'image' paths are relative to; local or s3://")
+    p.add_argument("--output", required=True, help="output folder (shards, manifest.json, quarantine.jsonl); local or s3://")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="quarantine images with more than this many pixels, width*height (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="records per image-inspection task batch (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="max parallel Ray tasks per stage (default: as many as the cluster's CPUs allow)")
+    p.add_argument("--chunk-records", type=int, default=4096,
+                   help="records per block the driver hands to Ray; bounds driver memory (default: %(default)s)")
+    _add_ray_options(p)
+    p.set_defaults(_data_command=_run_shard)
+
+
+def _add_features_parser(sub) -> None:
+    p = sub.add_parser(
+        "features", help="precompute frozen-encoder features for a shard set (Ray Data actor pool)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run the model's frozen vision encoders over every image of a finished shard set and write\n"
+            "feature shards aligned one-to-one with it (shard-000000.tar -> <output>/shard-000000.tar):\n"
+            "{key}.json (copied) and {key}.<encoder>.npy [num_tokens, hidden] per image sample, plus\n"
+            "manifest.json (encoders, checkpoints, config hash, shapes, dtype). Training refuses\n"
+            "features whose encoder config hash differs from its model's. Every encoder needs\n"
+            "'pretrained' (hub id or local dir) so that training sees the same weights."))
+    p.add_argument("--shards", required=True, help="a finished `mocha data shard` output folder; local or s3://")
+    p.add_argument("--model-config", required=True,
+                   help="YAML with the model config: a ModelConfig mapping, or a job YAML with a 'model:' section")
+    p.add_argument("--output", default=None, help="feature shard folder (default: <shards>/features)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                   help="stored feature dtype (default: float16 when the cluster has GPUs, else float32)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="actors in the pool; each loads all encoders once (default: %(default)s)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    _add_ray_options(p)
+    p.set_defaults(_data_command=_run_features)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="{shard,features}", required=True)
+    _add_shard_parser(sub)
+    _add_features_parser(sub)
+
+
+def _load_model_config(path: str):
+    from mocha.config import ModelConfig, load_yaml, parse_model
+
+    data = load_yaml(path)
+    if isinstance(data.get("model"), dict):
+        return parse_model(ModelConfig, data["model"], f"{path}: model")
+    return parse_model(ModelConfig, data, path)
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from mocha.config import parse_model
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.shard import ShardJobConfig, build_shards
+
+    cfg = parse_model(ShardJobConfig, {
+        "input": args.input, "images": args.images, "output": args.output,
+        "samples_per_shard": args.samples_per_shard, "max_image_pixels": args.max_image_pixels,
+        "batch_size": args.batch_size, "concurrency": args.concurrency, "chunk_records": args.chunk_records,
+    }, "mocha data shard options")
+    ensure_ray(args.ray_address, args.num_cpus)
+    report = build_shards(cfg, progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def _run_features(args: argparse.Namespace) -> int:
+    from mocha.config import parse_model
+    from pipelines.features import FeatureJobConfig, build_features
+    from pipelines.ray_runtime import ensure_ray
+
+    cfg = parse_model(FeatureJobConfig, {
+        "shards": args.shards, "output": args.output, "model": _load_model_config(args.model_config).model_dump(),
+        "dtype": args.dtype, "batch_size": args.batch_size, "concurrency": args.concurrency,
+        "gpus_per_actor": args.gpus_per_actor,
+    }, "mocha data features options")
+    ensure_ray(args.ray_address, args.num_cpus)
+    report = build_features(cfg, progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.records import InputFormatError
+
+    try:
+        return args._data_command(args)
+    except (FileNotFoundError, InputFormatError) as e:
+        print(f"mocha data {args.data_command}: {e}", file=sys.stderr)
+        return 2
