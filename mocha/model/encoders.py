@@ -135,8 +135,9 @@ class EncoderSpec:
     ``layout`` says how to read that hidden state: ``"sequence"`` ``[B, prefix + N, C]`` where the
     first ``prefix_tokens(config)`` tokens (CLS, registers) are dropped, or ``"grid"``
     ``[B, C, h, w]`` flattened row-major. ``feature_geometry(config, image_size, index)`` gives the
-    (side, width) of ``hidden_states[index]``, so token counts follow from the config alone. ``fixed_positions``: the model's position embeddings are
-    sized for ``config.image_size`` (CLIP, SigLIP) and must be interpolated for other sizes.
+    (side, width) of ``hidden_states[index]``, so token counts follow from the config alone.
+    ``fixed_positions``: the model's position embeddings are sized for ``config.image_size``
+    (CLIP, SigLIP) and must be interpolated for other sizes.
     """
 
     kind: str
