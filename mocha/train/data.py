@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mocha.text.conversation import IGNORE_INDEX, tokenize_conversation
+from mocha.text.conversation import IGNORE_INDEX, TRAINABLE_STATUSES, tokenize_conversation
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 
@@ -138,19 +138,19 @@ def decode_row(row: dict[str, Any], tokenizer, template: str, max_length: int, n
         raise ValueError(f"sample {key!r} has no json member (conversation record)")
     record = json.loads(row["json"])
     has_image = bool(record.get("image"))
-    tok = tokenize_conversation(record["conversations"], tokenizer, template, max_length=max_length,
+    tok = tokenize_conversation(record["conversations"], tokenizer, template, max_length=max_length, sample_id=key,
                                 num_image_tokens=num_image_tokens if has_image else 0)
     ex = Example(key, tok.input_ids, tok.labels, tok.status)
     if not has_image:
         return ex
     if from_features:
-        feats = {}
-        for kind in encoder_kinds:
-            blob = row.get(f"{kind}.npy")
-            if blob is None:
-                raise ValueError(f"sample {key!r}: feature shard has no {kind}.npy member")
-            feats[kind] = np.load(io.BytesIO(blob), allow_pickle=False)
-        ex.features = feats
+        from pipelines.features import decode_features
+
+        feats = decode_features(row)
+        missing = [k for k in encoder_kinds if k not in feats]
+        if missing:
+            raise ValueError(f"sample {key!r}: feature shard has no features for encoders {missing}")
+        ex.features = {k: feats[k] for k in encoder_kinds}
     else:
         from PIL import Image
 
@@ -180,28 +180,38 @@ class Batch:
 
 
 def collate(examples: list[Example], pad_token_id: int, preprocess=None) -> Batch:
-    """Right-pad token ids/labels; stack features (or preprocessed pixels) of image samples."""
-    length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    """Right-pad token ids/labels; stack features (or preprocessed pixels) of image samples.
+
+    Samples whose tokenisation is not trainable (see ``TokenizedSample.trainable``: misaligned,
+    image tokens would not fit) are left out and counted in ``statuses`` / ``num_masked``. A
+    micro-batch left with nothing becomes one padding token with no label (zero loss), so every
+    rank still runs the same number of forward/backward passes.
+    """
     statuses: dict[str, int] = {}
-    for i, e in enumerate(examples):
+    for e in examples:
+        statuses[e.status] = statuses.get(e.status, 0) + 1
+    kept = [e for e in examples if e.status in TRAINABLE_STATUSES]
+    if not kept:
+        kept = [Example("__empty__", [pad_token_id], [IGNORE_INDEX], "empty")]
+    length = max(len(e.input_ids) for e in kept)
+    ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(kept), length), dtype=torch.long)
+    for i, e in enumerate(kept):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-        statuses[e.status] = statuses.get(e.status, 0) + 1
-    with_feats = [e for e in examples if e.features is not None]
+    with_feats = [e for e in kept if e.features is not None]
     features = ({k: torch.from_numpy(np.stack([e.features[k] for e in with_feats])).float()
                  for k in with_feats[0].features} if with_feats else None)
-    with_images = [e for e in examples if e.image is not None]
+    with_images = [e for e in kept if e.image is not None]
     pixels = None
     if with_images:
         per_image = [preprocess(e.image) for e in with_images]
         pixels = {k: torch.stack([p[k] for p in per_image]) for k in per_image[0]}
     return Batch(ids, mask, labels, features, pixels, len(examples),
-                 sum(v for k, v in statuses.items() if k != "ok"), statuses)
+                 len(examples) - sum(1 for e in examples if e.status in TRAINABLE_STATUSES), statuses)
 
 
 class RankData:

@@ -51,19 +51,6 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def cosine_schedule(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """LR multiplier: linear warmup then cosine decay to ``min_lr_ratio``."""
-    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def total_steps(job: JobConfig, samples_per_epoch: int) -> int:
     if job.schedule.max_steps:
         return job.schedule.max_steps
@@ -94,7 +81,7 @@ def train_func(config: dict) -> None:
     from mocha.text.tokenizer import load_tokenizer
     from mocha.train import checkpoint as ckpt
     from mocha.train.data import RankData, StreamPlan, collate, decode_row
-    from mocha.train.engine import build_deepspeed_config, initialize_engine
+    from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine, warmup_cosine_schedule
     from mocha.train.metrics import MetricsLog
     from mocha.train.shards import load_shard_refs
     from pipelines.storage import resolve_filesystem
@@ -115,14 +102,14 @@ def train_func(config: dict) -> None:
     steps = total_steps(job, plan.samples_per_epoch())
     grad_accum = job.schedule.global_batch_size // (job.schedule.micro_batch_size * world)
     precision = resolve_precision(job.schedule.precision, on_gpu)
-    ds_config = build_deepspeed_config(
+    sched = job.schedule
+    ds_config = build_deepspeed_config(DeepSpeedSettings(
         zero_stage=job.deepspeed.zero_stage, offload_optimizer=job.deepspeed.offload_optimizer,
-        micro_batch_size=job.schedule.micro_batch_size, grad_accum=grad_accum, world_size=world,
-        grad_clip=job.schedule.grad_clip, precision=precision, lr=job.schedule.lr,
-        weight_decay=job.schedule.weight_decay, betas=job.schedule.betas)
-    lr_factor = cosine_schedule(steps, job.schedule.warmup_ratio, job.schedule.min_lr_ratio)
+        micro_batch_size=sched.micro_batch_size, grad_accum=grad_accum, grad_clip=sched.grad_clip,
+        precision=precision, lr=sched.lr, weight_decay=sched.weight_decay, betas=tuple(sched.betas)))
+    warmup = math.ceil(steps * sched.warmup_ratio)
     engine = initialize_engine(model, ds_config, ep_size=job.deepspeed.ep_size,
-                               lr_scheduler_fn=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor))
+                               lr_scheduler_fn=warmup_cosine_schedule(warmup, steps, sched.min_lr_ratio))
 
     metrics_log = MetricsLog(job, rank)
     start_step = 0
