@@ -64,8 +64,8 @@ def _add_features_parser(sub) -> None:
             "feature shards aligned one-to-one with it (shard-000000.tar -> <output>/shard-000000.tar):\n"
             "{key}.json (copied) and {key}.<encoder>.npy [num_tokens, hidden] per image sample, plus\n"
             "manifest.json (encoders, checkpoints, config hash, shapes, dtype). Training refuses\n"
-            "features whose encoder config hash differs from its model's. Every encoder needs\n"
-            "'pretrained' (hub id or local dir) so that training sees the same weights."))
+            "features whose encoder config hash differs from its model's. Random-weight encoders\n"
+            "are rebuilt from their init_seed, so training sees the same weights."))
     p.add_argument("--shards", required=True, help="a finished `mocha data shard` output folder; local or s3://")
     p.add_argument("--model-config", required=True,
                    help="YAML with the model config: a ModelConfig mapping, or a job YAML with a 'model:' section")

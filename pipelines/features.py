@@ -14,9 +14,10 @@ the model does online: ``Image.open(...).convert("RGB")``, the encoder's ``prepr
 With ``float32`` it is bit-identical to the in-process encoder on the same batch (convolution
 kernels may round differently for a different batch size, so "the same batch" matters).
 
-The encoders must be reproducible: each needs ``pretrained`` (a hub id or a local directory,
-e.g. written with ``save_pretrained``). Random-weight encoders are refused, because a trainer
-building "the same" random encoder would get different weights and silently mismatched features.
+The encoders are reproducible by construction: ``pretrained`` ones load fixed weights and
+random-weight ones are built from ``EncoderConfig.init_seed`` (part of the config hash). Actors
+build every encoder on the CPU and then move it to their GPU, so the weights are the ones any
+CPU process (a trainer, an export) builds from the same config.
 
 ``manifest.json`` (written last) records the encoders (kind, checkpoint, image size, shape),
 the dtype, ``ModelConfig.encoder_config_hash()`` and every shard's count, size and SHA-256.
@@ -39,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from mocha.config import ConfigError, EncoderConfig, ModelConfig, StrictModel
+from mocha.config import EncoderConfig, ModelConfig, StrictModel
 from pipelines import storage
 from pipelines.shard import MANIFEST_NAME, load_manifest
 from pipelines.tar_shards import (ShardInfo, completed_shard, iter_tar_samples, remove_stale_shards, write_marker,
@@ -132,15 +133,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def reproducible_encoders(model: ModelConfig) -> list[EncoderConfig]:
-    """The model's encoder configs, refusing random-weight ones (see module docstring)."""
-    random = [e.kind for e in model.encoders if e.pretrained is None]
-    if random:
-        raise ConfigError(
-            f"encoders {random} have random weights (no 'pretrained'): training could not rebuild the same "
-            f"weights, so features from them would not match. Set model.encoders[].pretrained to a hub id or a "
-            f"local directory (an encoder saved with save_pretrained)")
-    return list(model.encoders)
+def checkpoint_label(cfg: EncoderConfig) -> str:
+    """Where an encoder's weights come from, for the manifest."""
+    return cfg.pretrained if cfg.pretrained is not None else f"random-init(seed={cfg.init_seed})"
 
 
 class FeatureEncoder:
@@ -152,8 +147,9 @@ class FeatureEncoder:
         from mocha.model.encoders import build_encoders
 
         self.torch = torch
-        device = "cuda" if use_gpu else "cpu"
-        self.encoders = build_encoders([EncoderConfig.model_validate(e) for e in encoders], device=device)
+        self.encoders = build_encoders([EncoderConfig.model_validate(e) for e in encoders], device="cpu")
+        if use_gpu:
+            self.encoders.to("cuda")
         self.dtype = np.dtype(dtype)
         self.batch_size = batch_size
         self.output = output
@@ -242,7 +238,7 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     from pipelines.ray_runtime import ordered_execution
 
     start = time.perf_counter()
-    encoder_cfgs = reproducible_encoders(cfg.model)
+    encoder_cfgs = list(cfg.model.encoders)
     source = load_manifest(cfg.shards)
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if has_gpus else 0.0)
@@ -250,7 +246,7 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     config_hash = cfg.model.encoder_config_hash()
     # Shapes from structure-only builds (the meta device allocates nothing).
     encoders = [build_encoder(e, device="meta") for e in encoder_cfgs]
-    encoder_info = [EncoderFeatureInfo(kind=e.kind, checkpoint=c.pretrained or "", image_size=e.image_size,
+    encoder_info = [EncoderFeatureInfo(kind=e.kind, checkpoint=checkpoint_label(c), image_size=e.image_size,
                                        num_tokens=e.num_tokens, hidden_size=e.hidden_size)
                     for e, c in zip(encoders, encoder_cfgs)]
 

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 _COPY_CHUNK = 8 << 20
+_TMP_MARK = ".tmp-"
 
 
 def is_s3(url: str) -> bool:
@@ -128,6 +129,11 @@ def delete(url: str) -> None:
         fs.delete_file(path)
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_writer`'s temporaries (left by a crash)."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
 @contextlib.contextmanager
 def atomic_writer(url: str) -> Iterator[BinaryIO]:
     """Write ``url`` so that it appears only complete: yields a binary file; on a clean exit the
@@ -136,7 +142,7 @@ def atomic_writer(url: str) -> Iterator[BinaryIO]:
     if isinstance(fs, pafs.LocalFileSystem):
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = dest.with_name(f".{dest.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "wb") as f:
                 yield f

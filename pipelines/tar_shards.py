@@ -150,12 +150,14 @@ def completed_shard(output: str, name: str, plan_sha256: str) -> ShardInfo | Non
 
 def remove_stale_shards(output: str, keep: int) -> list[str]:
     """Delete ``shard-NNNNNN.tar`` files (and markers) numbered ``>= keep``, left by an earlier
-    run over a larger input; returns the names removed."""
+    run over a larger input, and temporary files of writes a crash interrupted; returns the
+    names removed."""
     removed = []
-    for url in storage.list_files(output, ".tar"):
+    for url in storage.list_files(output):
         name = storage.basename(url)
         stem = name[len("shard-"):-len(".tar")]
-        if name.startswith("shard-") and stem.isdigit() and int(stem) >= keep:
+        stale = name.startswith("shard-") and name.endswith(".tar") and stem.isdigit() and int(stem) >= keep
+        if stale or storage.is_temporary(name):
             storage.delete(url)
             storage.delete(marker_url(output, name))
             removed.append(name)

@@ -151,6 +151,14 @@ class ImageInfo:
     height: int
 
 
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    """Starts like an image file (so a failure to read it means damage, not foreign bytes)."""
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Check that ``data`` is a complete, decodable image of an accepted format and size.
 
@@ -164,6 +172,8 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
     except Image.DecompressionBombError as e:
         raise Rejection(Reason.IMAGE_TOO_LARGE, str(e)) from None
     except UnidentifiedImageError:
+        if _has_image_signature(data):
+            raise Rejection(Reason.UNREADABLE_IMAGE, f"image signature but unreadable header ({len(data)} bytes)") from None
         raise Rejection(Reason.NOT_AN_IMAGE, f"{len(data)} bytes that no image decoder recognises") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Rejection(Reason.UNREADABLE_IMAGE, f"cannot read the image header: {e}") from None

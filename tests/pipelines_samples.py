@@ -130,19 +130,3 @@ def _bad_records(rng: random.Random, add_image, jsonl_faults: bool) -> list[tupl
                 ("invalid_json", b'{"id": "bad-json", "conversations": [')]
     return out
 
-
-def saved_tiny_model_config(directory: Path):
-    """The tiny model config with every encoder saved to ``directory/<kind>`` (``save_pretrained``)
-    and referenced by ``pretrained``: reproducible weights, as the feature job requires."""
-    from mocha.config import EncoderConfig
-    from mocha.model.encoders import build_encoder
-    from mocha.model.tiny import tiny_encoder_configs, tiny_model_config
-
-    encoders = []
-    for cfg in tiny_encoder_configs():
-        encoder = build_encoder(cfg)
-        path = directory / cfg.kind
-        encoder.model.save_pretrained(path)
-        encoder.processor.save_pretrained(path)
-        encoders.append(EncoderConfig(kind=cfg.kind, pretrained=str(path), image_size=cfg.image_size))
-    return tiny_model_config(encoders=encoders)

@@ -1,0 +1,61 @@
+"""Deterministic tar shards, done-markers and resume verification."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+
+from pipelines import storage
+from pipelines.tar_shards import (completed_shard, iter_tar_samples, marker_url, remove_stale_shards, write_marker,
+                                  write_tar_shard)
+
+MEMBERS = [("k0.json", b'{"id": 0}'), ("k0.png", b"\x89PNG..."), ("k1.json", b'{"id": 1}')]
+
+
+def _write(url: str):
+    with write_tar_shard(url) as shard:
+        for name, data in MEMBERS:
+            shard.add(name, data)
+    return shard.info
+
+
+def test_same_members_give_identical_bytes_with_fixed_headers(tmp_path):
+    a, b = _write(str(tmp_path / "a.tar")), _write(str(tmp_path / "b.tar"))
+    data = (tmp_path / "a.tar").read_bytes()
+    assert data == (tmp_path / "b.tar").read_bytes()
+    assert (a.count, a.size, a.sha256) == (2, len(data), hashlib.sha256(data).hexdigest())
+    assert a.sha256 == b.sha256 and a.name == "a.tar"
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == [n for n, _ in MEMBERS]
+    assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(0, 0, 0, "", "", 0o644)}
+    assert list(iter_tar_samples(str(tmp_path / "a.tar"))) == [
+        ("k0", {"json": b'{"id": 0}', "png": b"\x89PNG..."}), ("k1", {"json": b'{"id": 1}'})]
+
+
+def test_completed_shard_requires_matching_plan_and_bytes(tmp_path):
+    out = str(tmp_path)
+    info = _write(storage.join_url(out, "shard-000000.tar"))
+    assert completed_shard(out, "shard-000000.tar", "plan-a") is None  # no marker yet
+    write_marker(out, info, "plan-a")
+    assert completed_shard(out, "shard-000000.tar", "plan-a") == info
+    assert completed_shard(out, "shard-000000.tar", "plan-b") is None
+    data = bytearray((tmp_path / "shard-000000.tar").read_bytes())
+    data[600] ^= 1  # same size, different bytes
+    (tmp_path / "shard-000000.tar").write_bytes(bytes(data))
+    assert completed_shard(out, "shard-000000.tar", "plan-a") is None
+    (tmp_path / "shard-000000.tar").unlink()
+    assert completed_shard(out, "shard-000000.tar", "plan-a") is None
+
+
+def test_remove_stale_shards_and_crash_temporaries(tmp_path):
+    out = str(tmp_path)
+    for i in range(4):
+        write_marker(out, _write(storage.join_url(out, f"shard-{i:06d}.tar")), "p")
+    (tmp_path / ".shard-000001.tar.tmp-123-abcd").write_bytes(b"partial")
+    (tmp_path / "manifest.json").write_bytes(b"{}")
+    removed = remove_stale_shards(out, keep=2)
+    assert sorted(removed) == [".shard-000001.tar.tmp-123-abcd", "shard-000002.tar", "shard-000003.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    assert not storage.exists(marker_url(out, "shard-000002.tar")) and storage.exists(marker_url(out, "shard-000001.tar"))
