@@ -1,0 +1,124 @@
+"""Load and write MoCHA models in ``save_pretrained`` form (config + safetensors + tokenizer).
+
+A *pretrained directory* holds ``mocha_config.json`` (self-contained: every sub-model's full
+architecture), ``model.safetensors`` (all weights) and the tokenizer files; loading it needs
+only ``mocha`` and transformers. Training writes one per run (``<run>/export``).
+
+A *training checkpoint* (``mocha.train.checkpoint``) holds ``model.safetensors`` with the
+trainable parameters only (fp32, global names, experts gathered), ``optimizer.safetensors`` and
+``state.json``; it has no config and no frozen weights. :func:`export_pretrained` turns one into
+a pretrained directory by overlaying its weights on a *base* pretrained directory — the run's
+own export, or the stage-1 export for a stage-2 checkpoint — whose frozen parts and tokenizer
+are kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_STATE = "state.json"
+
+
+def is_pretrained_dir(directory: str | Path) -> bool:
+    from mocha.model.mocha import CONFIG_NAME, WEIGHTS_NAME
+
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+
+
+def is_checkpoint_dir(directory: str | Path) -> bool:
+    from mocha.model.mocha import CONFIG_NAME, WEIGHTS_NAME
+
+    directory = Path(directory)
+    return ((directory / CHECKPOINT_STATE).is_file() and (directory / WEIGHTS_NAME).is_file()
+            and not (directory / CONFIG_NAME).exists())
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode on ``device``, tokenizer) from a pretrained directory."""
+    from mocha.model.mocha import MochaModel
+    from mocha.text.tokenizer import load_tokenizer
+
+    directory = Path(directory)
+    if not is_pretrained_dir(directory):
+        hint = " (a training checkpoint: convert it with `mocha export --checkpoint ... --base ...`)" \
+            if is_checkpoint_dir(directory) else ""
+        raise FileNotFoundError(f"{directory} is not a saved MoCHA model: it needs mocha_config.json and "
+                                f"model.safetensors{hint}")
+    tokenizer = load_tokenizer(directory)
+    model = MochaModel.from_pretrained(directory).to(device).eval()
+    return model, tokenizer
+
+
+def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
+    """Copy a training checkpoint's weights into ``model`` by exact name; returns the names.
+    Every checkpoint tensor must name a parameter or buffer of the model with the same shape."""
+    from safetensors.torch import load_file
+
+    from mocha.model.mocha import WEIGHTS_NAME
+
+    path = Path(checkpoint_dir) / WEIGHTS_NAME
+    state = load_file(str(path))
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise KeyError(f"{path}: {len(unknown)} tensors the base model does not have, e.g. {unknown[:5]}; "
+                       f"is --base the model this checkpoint was trained from?")
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: shapes differ from the base model: {wrong[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return sorted(state)
+
+
+def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
+    """Write ``out_dir`` in pretrained form from ``source``.
+
+    ``source`` is a pretrained directory (rewritten through ``from_pretrained`` /
+    ``save_pretrained``, so the result is canonical and verified loadable) or a training
+    checkpoint, which needs ``base`` (a pretrained directory supplying the architecture, the
+    weights the checkpoint does not hold, and the tokenizer). The output appears complete or
+    not at all (written to a sibling temporary folder, then renamed).
+    """
+    from mocha.model.mocha import MochaModel
+
+    source, out_dir = Path(source), Path(out_dir)
+    if is_pretrained_dir(source):
+        if base is not None:
+            raise ValueError(f"{source} is already a complete model; --base applies to training checkpoints only")
+        model_dir, checkpoint = source, None
+    elif is_checkpoint_dir(source):
+        if base is None:
+            raise ValueError(f"{source} is a training checkpoint (trainable weights only); pass --base with the "
+                             f"pretrained directory it was trained from (e.g. the run's export)")
+        if not is_pretrained_dir(base):
+            raise FileNotFoundError(f"--base {base} is not a saved MoCHA model (mocha_config.json + model.safetensors)")
+        model_dir, checkpoint = Path(base), source
+    else:
+        raise FileNotFoundError(f"{source} is neither a saved MoCHA model (mocha_config.json + model.safetensors) "
+                                f"nor a training checkpoint (state.json + model.safetensors)")
+
+    from mocha.text.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    model = MochaModel.from_pretrained(model_dir)
+    if checkpoint is not None:
+        overlay_checkpoint(model, checkpoint)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
