@@ -94,6 +94,7 @@ def read_rows(urls: list[str], filesystem) -> Iterator[dict[str, Any]]:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one reader per stream per worker: bars would interleave
     ds = ray.data.read_webdataset(urls, decoder=None, filesystem=filesystem, shuffle=None,
                                   override_num_blocks=len(urls))
     yield from ds.iter_rows()

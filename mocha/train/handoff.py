@@ -31,6 +31,18 @@ def load_trainable(model, url: str) -> None:
         raise ConfigError(f"init.trainable_from={url}: {e.args[0]}") from None
 
 
+def consolidated_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole model's weights in single-process names, experts gathered from their
+    expert-parallel ranks. Collective when distributed; every rank gets the full dict.
+    (Under ZeRO-1/2 every rank holds full copies of the non-expert parameters.)"""
+    import torch.distributed as dist
+
+    from mocha.model.expert_parallel import global_expert_state_dict
+
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return global_expert_state_dict(model, local) if dist.is_initialized() else local
+
+
 def save_export(job: JobConfig, model, state: dict[str, torch.Tensor], tokenizer) -> str:
     """Write ``<storage>/<run>/export``: the whole model in ``save_pretrained`` form, the
     trainable part alone for the next stage, and the tokenizer. Returns the export URL."""

@@ -205,10 +205,9 @@ def collect_llm_aux_loss(model, job: JobConfig):
 def export_model(job: JobConfig, model, engine, tokenizer, rank: int) -> None:
     """Write the consolidated trained model (``save_pretrained`` form) and the trainable part
     alone (stage-1 -> stage-2 hand-off) to ``<storage>/<run>/export``. Collective."""
-    from mocha.train.checkpoint import consolidated_state_dict
-    from mocha.train.handoff import save_export
+    from mocha.train.handoff import consolidated_state_dict, save_export
 
-    state = consolidated_state_dict(engine, model)  # all ranks take part (expert gather)
+    state = consolidated_state_dict(model)  # all ranks take part (expert gather)
     if rank == 0:
         save_export(job, model, state, tokenizer)
     if torch.distributed.is_initialized():
