@@ -30,13 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results, collected) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results.put((rank, fn(rank, world_size, *args), None))
+        # tensors travel through shared memory owned by this process: stay until received
+        collected.wait(timeout=300)
     except BaseException:  # report every failure (assertions included) to the parent
         results.put((rank, None, traceback.format_exc()))
         raise
@@ -47,9 +49,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    results, collected = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, collected))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -67,6 +69,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
         if error is not None:
             errors.append(f"rank {rank}:\n{error}")
             break
+    collected.set()
     for p in procs:
         p.join(timeout=30)
         if p.is_alive():

@@ -341,26 +341,29 @@ def localize_state_dict(model: nn.Module, global_state: Mapping[str, Tensor],
     return {local: global_state[g] for local, g in mapping.items()}
 
 
+def all_global_names(model: nn.Module, names: Sequence[str]) -> set[str]:
+    """The global names of local parameters ``names`` on *every* rank of their EP groups
+    (an expert-parallel checkpoint holds all of them). Not collective."""
+    layers = list(expert_parallel_layers(model))
+    out = set()
+    for name in names:
+        owner = _owning_layer(layers, name)
+        slot = None if owner is None else owner[2].expert_slot(owner[1])
+        if slot is None:
+            out.add(global_parameter_names(model, [name])[name])
+            continue
+        prefix, _, layer = owner
+        j, inner = slot
+        out.update(f"{prefix}experts.{r * layer.num_local_experts + j}.{inner}" for r in range(layer.ep_size))
+    return out
+
+
 def load_global_expert_state_dict(model: nn.Module, global_state: Mapping[str, Tensor], strict: bool = True) -> None:
     """Load a global-named state dict (e.g. from a single-process model) into ``model``,
     expert-parallel or not. ``strict``: also reject global keys the model does not use."""
     local = localize_state_dict(model, global_state)
     if strict:
-        wanted = set(global_parameter_names(model, list(model.state_dict())).values())
-        owned_elsewhere = _experts_of_other_ranks(model)
-        unexpected = sorted(k for k in global_state if k not in wanted and k not in owned_elsewhere)
+        unexpected = sorted(set(global_state) - all_global_names(model, list(model.state_dict())))
         if unexpected:
             raise KeyError(f"state dict has keys the model does not use: {unexpected}")
     model.load_state_dict(local, strict=True)
-
-
-def _experts_of_other_ranks(model: nn.Module) -> set[str]:
-    names = set()
-    for prefix, layer in expert_parallel_layers(model):
-        prefix = prefix + "." if prefix else ""
-        for local_name, _ in layer.local_experts.named_parameters():
-            j, inner = local_name.split(".", 1)
-            for ep_rank in range(layer.ep_size):
-                names.add(f"{prefix}experts.{ep_rank * layer.num_local_experts + int(j)}.{inner}")
-    return names
-
