@@ -2,7 +2,8 @@
 
 Nothing here is a typed-in parameter count. :func:`measure_model` builds the full MoCHA model of
 a :class:`~mocha.config.ModelConfig` on the ``meta`` device (no memory, no download), counts
-every part's parameters, and measures the frozen encoders' and the LLM's forward FLOPs with
+every part's parameters (:mod:`mocha.model.sizing` does the same for the encoders and the LLM
+alone; this module adds connectors, HGA, FLOPs, memory and time), and measures the frozen encoders' and the LLM's forward FLOPs with
 ``torch.utils.flop_counter.FlopCounterMode`` at the real input shapes. The rest is arithmetic on
 those numbers under assumptions that are stated where they are made:
 
@@ -155,10 +156,6 @@ class ModelSize:
         return self.connector_params + self.hga_params + (self.llm.params if stage == 2 else 0)
 
 
-def count_parameters(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def forward_flops(fn, *args, **kwargs) -> int:
     """FLOPs of one call, counted by torch's FlopCounterMode (works on ``meta`` tensors)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -179,6 +176,7 @@ def measure_model(config, seq_lens_for: Callable[[int], Iterable[int]] = lambda 
     import torch
 
     from mocha.model.connector import build_connector
+    from mocha.model.sizing import count_parameters
     from mocha.model.encoders import build_encoder
     from mocha.model.hga import build_hga
     from mocha.model.llm import build_llm, llm_hidden_size
@@ -216,6 +214,8 @@ def measure_model(config, seq_lens_for: Callable[[int], Iterable[int]] = lambda 
 
 
 def _llm_size(family: str, llm) -> LLMSize:
+    from mocha.model.sizing import count_parameters
+
     cfg = llm.config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -435,14 +435,6 @@ README_MFU = 0.40
 LLM_NAMES = {"phi": "Phi-2", "llama": "Vicuna-7B"}
 
 
-def real_model_config(family: str):
-    """The paper's configuration: the four real encoders, E=4 top-2 MoE connectors, graph HGA."""
-    from mocha.config import ModelConfig
-    from mocha.model.llm import real_llm_config
-
-    return ModelConfig(llm=real_llm_config(family), template="plain")
-
-
 def _m(n: int) -> str:
     return f"{n / 1e6:,.1f}M"
 
@@ -453,6 +445,8 @@ def _gib(n: float) -> str:
 
 def render_sizing_markdown(mfu: float = README_MFU) -> str:
     """The generated part of infra/README.md (deterministic: a test compares it to the file)."""
+    from mocha.model.sizing import real_model_config
+
     sizes: dict[str, ModelSize] = {}
     setups: list[tuple[Scenario, TrainSetup]] = []
     for family in LLM_NAMES:

@@ -10,6 +10,7 @@ import pytest
 
 from mocha import sizing
 from mocha.cli import main as mocha_main
+from mocha.model.sizing import real_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 2048
@@ -17,7 +18,7 @@ SEQ = 2048
 
 @pytest.fixture(scope="module")
 def phi() -> sizing.ModelSize:
-    return sizing.measure_model(sizing.real_model_config("phi"), lambda visual: {SEQ, visual + 64})
+    return sizing.measure_model(real_model_config("phi"), lambda visual: {SEQ, visual + 64})
 
 
 def setup(**changes) -> sizing.TrainSetup:
