@@ -7,6 +7,7 @@ comparing two generation paths pass on plumbing that ignores its inputs.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ def build_tiny_model(tokenizer_dir: Path, seed: int = 0):
 
 def save_tiny_pretrained(directory: Path, seed: int = 0):
     """Save a tiny model + tokenizer in pretrained form; returns (model, tokenizer)."""
-    model, tokenizer = build_tiny_model(directory / "_tokenizer", seed)
+    with tempfile.TemporaryDirectory(prefix="mocha-test-tokenizer-") as tokenizer_dir:
+        model, tokenizer = build_tiny_model(Path(tokenizer_dir), seed)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model, tokenizer

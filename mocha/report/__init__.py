@@ -1,0 +1,1 @@
+"""Run reports: score tables, training plots and ``report.md``."""
