@@ -15,7 +15,14 @@ from PIL import Image
 TEST_MAX_PIXELS = 128 * 128
 
 
-def encode_image(rng: random.Random, fmt: str, size: tuple[int, int]) -> bytes:
+def encode_image(rng: random.Random, fmt: str, size: tuple[int, int], noise: bool = False) -> bytes:
+    """An image of ``size`` in ``fmt``: flat colour with a few rectangles, or (``noise``) random
+    pixels, which do not compress, so the file size is about ``3 * width * height``."""
+    if noise:
+        im = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3))
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        return buf.getvalue()
     im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     for _ in range(4):  # a few rectangles so images differ and compress non-trivially
         x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
@@ -67,7 +74,7 @@ class GeneratedDataset:
 
 
 def make_dataset(root: Path, num_good: int, bad: bool = True, seed: int = 0, jsonl_faults: bool = False,
-                 image_size: tuple[int, int] = (24, 40)) -> GeneratedDataset:
+                 image_size: tuple[int, int] = (24, 40), noise: bool = False) -> GeneratedDataset:
     """``num_good`` valid samples (PNG and JPEG, some text-only, some multi-turn, odd ids), and
     with ``bad`` one record per quarantine reason interleaved at fixed positions."""
     rng = random.Random(seed)
@@ -94,7 +101,7 @@ def make_dataset(root: Path, num_good: int, bad: bool = True, seed: int = 0, jso
             continue
         fmt, ext = ("PNG", "png") if i % 2 else ("JPEG", "jpg")
         size = (rng.randint(*image_size), rng.randint(*image_size))
-        rel = add_image(f"sub/img_{i}.{ext}" if i % 3 else f"img_{i}.{ext}", encode_image(rng, fmt, size))
+        rel = add_image(f"sub/img_{i}.{ext}" if i % 3 else f"img_{i}.{ext}", encode_image(rng, fmt, size, noise))
         ds.records.append(good_record(sample_id, rel, turns=1 + i % 3))
     return ds
 
