@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mocha.train.cli", "train stage 1 or 2 from a job YAML (Ray Train + DeepSpeed)"),
     "plan": ("mocha.sizing", "parameters, memory per GPU and training time of a job YAML at real size"),
     "submit": ("mocha.train.submit", "submit a job YAML to a running Ray cluster (Ray Job SDK) and follow it"),
+    "eval": ("mocha.eval.cli", "answer POPE / MME questions with a saved model, write answers and scores"),
+    "generate": ("mocha.eval.generate", "answer one prompt about one image with a saved model"),
+    "export": ("mocha.export_cli", "write a run's export or checkpoint in save_pretrained form (config + weights + tokenizer)"),
 }
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from mocha.config import ConfigError
+
 CHECKPOINT_STATE = "state.json"
 
 
@@ -56,7 +58,8 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
 
 def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
     """Copy a training checkpoint's weights into ``model`` by exact name; returns the names.
-    Every checkpoint tensor must name a parameter or buffer of the model with the same shape."""
+    Every checkpoint tensor must name a parameter or buffer of the model with the same shape
+    (``ConfigError`` otherwise: the checkpoint does not belong to this base model)."""
     from safetensors.torch import load_file
 
     from mocha.model.mocha import WEIGHTS_NAME
@@ -66,11 +69,11 @@ def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
     if unknown:
-        raise KeyError(f"{path}: {len(unknown)} tensors the base model does not have, e.g. {unknown[:5]}; "
+        raise ConfigError(f"{path}: {len(unknown)} tensors the base model does not have, e.g. {unknown[:5]}; "
                        f"is --base the model this checkpoint was trained from?")
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if state[k].shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{path}: shapes differ from the base model: {wrong[:5]}")
+        raise ConfigError(f"{path}: shapes differ from the base model: {wrong[:5]}")
     with torch.no_grad():
         for name, value in state.items():
             own[name].copy_(value.to(own[name].dtype))
@@ -91,11 +94,11 @@ def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path 
     source, out_dir = Path(source), Path(out_dir)
     if is_pretrained_dir(source):
         if base is not None:
-            raise ValueError(f"{source} is already a complete model; --base applies to training checkpoints only")
+            raise ConfigError(f"{source} is already a complete model; --base applies to training checkpoints only")
         model_dir, checkpoint = source, None
     elif is_checkpoint_dir(source):
         if base is None:
-            raise ValueError(f"{source} is a training checkpoint (trainable weights only); pass --base with the "
+            raise ConfigError(f"{source} is a training checkpoint (trainable weights only); pass --base with the "
                              f"pretrained directory it was trained from (e.g. the run's export)")
         if not is_pretrained_dir(base):
             raise FileNotFoundError(f"--base {base} is not a saved MoCHA model (mocha_config.json + model.safetensors)")

@@ -58,3 +58,48 @@ def test_ray_data_path_gives_the_same_answers(setup, ray_cluster):
     local = VisualQuestionAnswerer.from_pretrained(root / "model", options).answer(questions, root / "images")
     distributed = answer_with_ray(root / "model", questions, root / "images", options, concurrency=1)
     assert distributed == local
+
+
+def test_eval_cli_writes_answers_and_scores_them(setup, tmp_path, capsys):
+    import json
+
+    from mocha.cli import main
+    from mocha.demo.synthetic import generate_shapes_dataset
+    from mocha.eval.mme import read_mme_dir, score_mme
+    from mocha.eval.pope import score_pope_answers
+    from mocha.eval.records import read_jsonl
+
+    root, _ = setup
+    data = generate_shapes_dataset(tmp_path / "data", num_train=1, num_eval=2)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(root / "model"), "--pope", str(data.root), "--mme", str(data.mme_dir),
+                 "--images", str(data.image_dir), "--out", str(out), "--suffix", "", "--max-new-tokens", "3",
+                 "--model-id", "tiny"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert sorted(scores["pope"]) == ["adversarial", "popular", "random"]
+    for split, path in data.pope.items():
+        answers = read_jsonl(out / f"pope_{split}_answers.jsonl")
+        questions = read_jsonl(path)
+        assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+        assert [a["prompt"] for a in answers] == [q["text"] for q in questions]
+        assert {a["model_id"] for a in answers} == {"tiny"}
+        assert scores["pope"][split] == score_pope_answers(answers, questions).as_dict()
+    # MME answers in MME's own layout: the question files' lines plus a prediction column
+    answered = read_mme_dir(out / "mme_results")
+    asked = read_mme_dir(data.mme_dir)
+    assert [(r.subtask, r.image, r.question, r.label) for r in answered] == \
+           [(r.subtask, r.image, r.question, r.label) for r in asked]
+    assert scores["mme"] == score_mme(answered).as_dict()
+    printed = capsys.readouterr().out
+    assert "| split | questions | accuracy % |" in printed and "perception total" in printed
+
+
+def test_eval_cli_reports_bad_question_file(setup, tmp_path, capsys):
+    from mocha.cli import main
+
+    root, _ = setup
+    bad = tmp_path / "pope_random.jsonl"
+    bad.write_text('{"question_id": 1, "image": "a.png", "text": "Is there a cat?"}\n')
+    assert main(["eval", "--model", str(root / "model"), "--pope", str(bad), "--images", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "question 1 has label None" in capsys.readouterr().err

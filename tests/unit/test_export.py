@@ -1,0 +1,103 @@
+"""`mocha export` and `mocha generate`: save_pretrained form that reloads to the same tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from mocha.cli import main
+from mocha.config import ConfigError
+from mocha.eval.pretrained import export_pretrained, load_pretrained
+from mocha.eval.runner import AnswerOptions, VisualQuestionAnswerer
+from mocha.text.conversation import tokenize_prompt
+from tests.eval_models import build_tiny_model, write_images
+
+PROMPT = "Is there a red circle in the image?"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained model's in-memory state and the run export training writes (save_export)."""
+    root = tmp_path_factory.mktemp("run")
+    model, tokenizer = build_tiny_model(root / "tokenizer")
+    export = root / "export"
+    model.save_pretrained(export)
+    model.save_pretrained(export, parts=("connectors", "hga"))
+    tokenizer.save_pretrained(export)
+    image = Image.open(root / "images" / write_images(root / "images", 1)[0]).convert("RGB")
+    return root, model, tokenizer, image
+
+
+def _generate(model, tokenizer, image) -> torch.Tensor:
+    ids = torch.tensor([tokenize_prompt([{"from": "human", "value": "<image>\n" + PROMPT}], tokenizer,
+                                        model.config.template)])
+    pixels = {k: v.unsqueeze(0) for k, v in model.preprocess(image).items()}
+    return model.generate(ids, pixel_values=pixels, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def test_export_then_load_generates_the_same_tokens(run, tmp_path):
+    root, model, tokenizer, image = run
+    assert main(["export", "--checkpoint", str(root / "export"), "--out", str(tmp_path / "out")]) == 0
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"mocha_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == tokenizer.get_vocab()
+    loaded, loaded_tokenizer = load_pretrained(tmp_path / "out")
+    expected = _generate(model, tokenizer, image)
+    assert expected.shape[1] > 1
+    assert torch.equal(_generate(loaded, loaded_tokenizer, image), expected)
+
+
+def _checkpoint_of(model, directory):
+    """What a stage-2 training checkpoint holds: trainable params only (fp32), optimizer, state."""
+    model.set_trainable(2)
+    directory.mkdir()
+    save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              str(directory / "model.safetensors"))
+    save_file({"step": torch.zeros(1)}, str(directory / "optimizer.safetensors"))
+    (directory / "state.json").write_text(json.dumps({"step": 3, "stage": 2}))
+
+
+def test_checkpoint_overlaid_on_base_export(run, tmp_path, capsys):
+    root, model, tokenizer, image = run
+    trained, _ = build_tiny_model(tmp_path / "tok", seed=1)  # same architecture, other trainable weights
+    trained.load_part_state_dict(model.part_state_dict(["encoders"]), ["encoders"])  # frozen parts shared
+    _checkpoint_of(trained, tmp_path / "ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 2
+    assert "is a training checkpoint (trainable weights only); pass --base" in capsys.readouterr().err
+
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--base", str(root / "export"),
+                 "--out", str(tmp_path / "out")]) == 0
+    loaded, _ = load_pretrained(tmp_path / "out")
+    want = trained.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(_generate(loaded, tokenizer, image), _generate(trained.eval(), tokenizer, image))
+
+
+def test_checkpoint_of_another_model_is_rejected(run, tmp_path):
+    """Library call: the mismatch is a ConfigError naming the tensor, and nothing is written."""
+    root, *_ = run
+    (tmp_path / "ckpt").mkdir()
+    save_file({"connectors.nope.weight": torch.zeros(2)}, str(tmp_path / "ckpt" / "model.safetensors"))
+    (tmp_path / "ckpt" / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="connectors.nope.weight"):
+        export_pretrained(tmp_path / "ckpt", tmp_path / "out", base=root / "export")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_cli_prints_the_answer(run, capsys):
+    root, model, tokenizer, _ = run
+    image_path = root / "images" / "img_0.png"
+    assert main(["generate", "--checkpoint", str(root / "export"), "--image", str(image_path),
+                 "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip()
+    qa = VisualQuestionAnswerer(model, tokenizer, AnswerOptions(suffix="", max_new_tokens=8))
+    expected = qa.answer_images([Image.open(image_path).convert("RGB")], ["<image>\n" + PROMPT])[0]
+    assert printed == expected
+    assert printed == tokenizer.decode(_generate(model, tokenizer, Image.open(image_path).convert("RGB"))[0],
+                                       skip_special_tokens=True).strip()
