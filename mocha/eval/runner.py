@@ -60,7 +60,8 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 class VisualQuestionAnswerer:
-    """A model + tokenizer that answers (image, question) pairs in batches."""
+    """A model + tokenizer that answers (image, question) pairs in batches. Puts the model in
+    eval mode (no dropout); ``template`` defaults to the model config's."""
 
     def __init__(self, model, tokenizer, options: AnswerOptions = AnswerOptions(), template: str | None = None):
         self.model = model.eval()
