@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mocha.demo.cli", "run the whole pipeline end to end on the embedded default (CPU, offline)"),
     "smoke": ("mocha.smoke", "build a tiny random MoCHA model and run one forward/backward/generate"),
     "data": ("pipelines.cli", "build datasets on Ray Data: `data shard` (LLaVA JSON -> WebDataset shards), `data features`"),
     "train": ("mocha.train.cli", "train stage 1 or 2 from a job YAML (Ray Train + DeepSpeed)"),

@@ -104,7 +104,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         data = root / "data" / f"stage{stage}"
         report = build_shards(ShardJobConfig(input=str(source), images=str(paths.image_dir), output=str(data / "shards"),
                                              samples_per_shard=cfg.samples_per_shard))
-        print(f"[demo] stage {stage} shards: {report.summary() if hasattr(report, 'summary') else report.manifest['totals']}")
+        print(f"[demo] stage {stage} shards: {report.manifest['num_samples']} samples in {report.manifest['num_shards']} "
+              f"shards, {report.manifest['num_quarantined']} quarantined")
         feats = build_features(FeatureJobConfig(shards=str(data / "shards"), output=str(data / "features"),
                                                 model=demo_model_config(cfg, "plain" if stage == 1 else "phi"),
                                                 batch_size=64))
@@ -141,9 +142,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                "export": run2.export_dir}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     report = write_demo_report(root, summary)
-    pope_before = untrained["pope"]["overall"]["accuracy"]
-    pope_after = trained["pope"]["overall"]["accuracy"]
-    print(f"\n[demo] POPE accuracy: untrained {pope_before:.1%} -> trained {pope_after:.1%}")
-    print(f"[demo] MME total score: untrained {untrained['mme']['total']:.1f} -> trained {trained['mme']['total']:.1f}")
+    print(f"\n[demo] POPE accuracy: untrained {untrained['pope_accuracy']:.1%} -> trained {trained['pope_accuracy']:.1%}")
+    print(f"[demo] MME total score: untrained {untrained['mme_total']:.1f} -> trained {trained['mme_total']:.1f}")
     print(f"[demo] report: {report}  (total {timings['total_s'] / 60:.1f} min)")
     return summary

@@ -154,10 +154,10 @@ def train_func(config: dict) -> None:
             moe_llm = collect_llm_aux_loss(model, job)
             if moe_llm is not None:
                 loss = loss + moe_llm
-                m.moe_llm_loss += float(moe_llm)
+                m.moe_llm_loss += float(moe_llm.detach())
             engine.backward(loss)
             engine.step()
-            m.loss += float(loss)
+            m.loss += float(loss.detach())
             m.lm_loss += float(out.lm_loss)
             m.balance_loss += float(out.balance_loss)
             m.z_loss += float(out.z_loss)
