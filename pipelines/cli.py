@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_features_parser(sub)
 
 
-def _load_model_config(path: str):
+def load_model_config(path: str):
+    """The ModelConfig in a YAML file: the whole file, or its ``model:`` section (a job YAML)."""
     from mocha.config import ModelConfig, load_yaml, parse_model
 
     data = load_yaml(path)
@@ -98,6 +99,7 @@ def _load_model_config(path: str):
 
 def _run_shard(args: argparse.Namespace) -> int:
     from mocha.config import parse_model
+    from pipelines import storage
     from pipelines.ray_runtime import ensure_ray
     from pipelines.shard import ShardJobConfig, build_shards
 
@@ -106,6 +108,8 @@ def _run_shard(args: argparse.Namespace) -> int:
         "samples_per_shard": args.samples_per_shard, "max_image_pixels": args.max_image_pixels,
         "batch_size": args.batch_size, "concurrency": args.concurrency, "chunk_records": args.chunk_records,
     }, "mocha data shard options")
+    if not storage.exists(cfg.input):  # fail before starting Ray
+        raise FileNotFoundError(f"input file not found: {cfg.input}")
     ensure_ray(args.ray_address, args.num_cpus)
     report = build_shards(cfg, progress=not args.no_progress)
     print(report.summary())
@@ -116,12 +120,14 @@ def _run_features(args: argparse.Namespace) -> int:
     from mocha.config import parse_model
     from pipelines.features import FeatureJobConfig, build_features
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.shard import load_manifest
 
     cfg = parse_model(FeatureJobConfig, {
-        "shards": args.shards, "output": args.output, "model": _load_model_config(args.model_config).model_dump(),
+        "shards": args.shards, "output": args.output, "model": load_model_config(args.model_config).model_dump(),
         "dtype": args.dtype, "batch_size": args.batch_size, "concurrency": args.concurrency,
         "gpus_per_actor": args.gpus_per_actor,
     }, "mocha data features options")
+    load_manifest(cfg.shards)  # fail before starting Ray
     ensure_ray(args.ray_address, args.num_cpus)
     report = build_features(cfg, progress=not args.no_progress)
     print(report.summary())

@@ -230,7 +230,7 @@ def test_killed_driver_then_rerun_completes_with_the_same_result(ray_cluster, da
            "--ray-address", ray.get_runtime_context().gcs_address]
     with open(tmp_path / "driver.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None and not list(killed.glob("shard-*.tar")):
+        while proc.poll() is None and not list(killed.glob("_progress/shard-*.json")):  # a shard is done
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -252,7 +252,7 @@ def test_driver_memory_does_not_grow_with_dataset_size(ray_cluster, tmp_path):
     (images are read in Ray tasks, never on the driver; records go to Ray block by block)."""
     peaks, image_bytes = [], []
     for scale in (1, 4):
-        ds = make_dataset(tmp_path / f"x{scale}", 60 * scale, bad=False, image_size=(100, 140), noise=True)
+        ds = make_dataset(tmp_path / f"x{scale}", 60 * scale, bad=False, image_size=(150, 200), noise=True)
         cfg = ShardJobConfig(input=str(ds.write_json()), images=str(ds.images), output=str(tmp_path / f"out{scale}"),
                              samples_per_shard=16, chunk_records=16, batch_size=16)
         tracemalloc.start()

@@ -1,0 +1,57 @@
+"""`mocha data shard|features`: documented options, config loading, clean errors before Ray starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from mocha.cli import build_parser, main
+from mocha.config import ConfigError
+from mocha.model.tiny import tiny_model_config
+from pipelines import cli
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("name", ["shard", "features"])
+def test_help_documents_every_option(name):
+    parser = _subparser(name)
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.option_strings[0] in text and action.help, action.dest
+
+
+def test_data_is_a_mocha_subcommand():
+    args = build_parser().parse_args(["data", "shard", "--input", "a.json", "--images", "im", "--output", "o"])
+    assert (args.command, args.data_command, args.samples_per_shard) == ("data", "shard", 1000)
+
+
+def test_model_config_from_a_model_or_a_job_yaml(tmp_path):
+    model = tiny_model_config()
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(json.loads(model.model_dump_json())))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"stage": 1, "model": json.loads(model.model_dump_json())}))
+    for name in ("model.yaml", "job.yaml"):
+        assert cli.load_model_config(str(tmp_path / name)).encoder_config_hash() == model.encoder_config_hash()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"model": {"encoders": [{"kind": "resnet"}]}}))
+    with pytest.raises(ConfigError, match="encoders.0.kind"):
+        cli.load_model_config(str(tmp_path / "bad.yaml"))
+
+
+def test_missing_inputs_fail_with_a_message_before_ray_starts(tmp_path, capsys):
+    assert main(["data", "shard", "--input", str(tmp_path / "no.json"), "--images", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "input file not found" in capsys.readouterr().err
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(json.loads(tiny_model_config().model_dump_json())))
+    assert main(["data", "features", "--shards", str(tmp_path), "--model-config", str(tmp_path / "m.yaml")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert main(["data", "shard", "--input", "x", "--images", "y", "--output", "z", "--samples-per-shard", "0"]) == 2
+    assert "samples_per_shard" in capsys.readouterr().err
