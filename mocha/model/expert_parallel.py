@@ -81,7 +81,7 @@ def ensure_expert_groups(ep_size: int) -> str:
 class ExpertParallelMoE(MoE):
     """Common part of the expert-parallel layers: router, local experts, token exchange.
 
-    Built from a single-process layer (``from_dense``): every rank holds the same full layer
+    Built from a single-process layer (``from_dense_module``): every rank holds the same full layer
     (same seed or broadcast) and keeps experts ``[r * E/ep, (r+1) * E/ep)`` where ``r`` is its
     rank inside its EP group.
     """
@@ -110,6 +110,11 @@ class ExpertParallelMoE(MoE):
             for j, expert in enumerate(self.local_experts):
                 expert.load_state_dict(dense.experts[self.first_expert + j].state_dict())
 
+    @classmethod
+    def from_dense_module(cls, dense: MoEConnector | MoEFeedForward, ep_size: int) -> "ExpertParallelMoE":
+        """This rank's expert-parallel share of ``dense`` (collective: creates the groups once)."""
+        return cls(dense, ep_size)
+
     @property
     def gate(self) -> nn.Linear:
         """The router ``Linear(in, E, bias=False)`` (DeepSpeed keeps it in ``TopKGate.wg``)."""
@@ -135,16 +140,19 @@ class ExpertParallelMoE(MoE):
             return combine_expert_rows(run_experts(rows, plan.counts, self.local_experts), plan, tokens.shape[0])
 
         ep, local = self.ep_size, self.num_local_experts
-        send_counts = torch.tensor(plan.counts, dtype=torch.long)  # [E] = [dest rank, local expert]
-        recv_counts = torch.empty_like(send_counts)  # [E] = [source rank, my local expert]
+        # counts travel on the tokens' device (NCCL exchanges device tensors only)
+        send_counts = torch.tensor(plan.counts, dtype=torch.long, device=rows.device)  # [dest rank * local expert]
+        recv_counts = torch.empty_like(send_counts)  # [source rank * my local expert]
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        send_splits = send_counts.view(ep, local).sum(1).tolist()
-        recv_splits = recv_counts.view(ep, local).sum(1).tolist()
+        recv_counts_host = recv_counts.tolist()
+        send_splits = [sum(plan.counts[r * local:(r + 1) * local]) for r in range(ep)]
+        recv_splits = [sum(recv_counts_host[r * local:(r + 1) * local]) for r in range(ep)]
 
         received = _all_to_all(rows, recv_splits, send_splits, self.ep_group)  # by (source, local expert)
-        local_expert_of_row = torch.arange(local).repeat(ep).repeat_interleave(recv_counts).to(rows.device)
+        local_expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(recv_counts)
         by_expert = torch.argsort(local_expert_of_row, stable=True)
-        expert_rows = self._run_local_experts(received[by_expert], recv_counts.view(ep, local).sum(0).tolist())
+        rows_per_local_expert = [sum(recv_counts_host[j::local]) for j in range(local)]
+        expert_rows = self._run_local_experts(received[by_expert], rows_per_local_expert)
         back = torch.empty_like(expert_rows).index_copy(0, by_expert, expert_rows)  # undo the grouping
         returned = _all_to_all(back, send_splits, recv_splits, self.ep_group)
         return combine_expert_rows(returned, plan, tokens.shape[0])
@@ -188,10 +196,6 @@ class ExpertParallelMoEConnector(ExpertParallelMoE):
         super().__init__(dense, ep_size)
         self.out_features = dense.out_features
 
-    @classmethod
-    def from_dense_module(cls, dense: MoEConnector, ep_size: int) -> "ExpertParallelMoEConnector":
-        return cls(dense, ep_size)
-
     def forward(self, x: Tensor) -> ConnectorOutput:  # type: ignore[override]
         hidden, stats = self.moe_forward(x)
         return ConnectorOutput(hidden, *stats)
@@ -204,10 +208,6 @@ class ExpertParallelMoEFeedForward(RecordsMoELosses, ExpertParallelMoE):
     def __init__(self, dense: MoEFeedForward, ep_size: int) -> None:
         super().__init__(dense, ep_size)
         self.moe_stats = None
-
-    @classmethod
-    def from_dense_module(cls, dense: MoEFeedForward, ep_size: int) -> "ExpertParallelMoEFeedForward":
-        return cls(dense, ep_size)
 
     def forward(self, hidden_states: Tensor) -> Tensor:  # type: ignore[override]
         hidden, self.moe_stats = self.moe_forward(hidden_states)
@@ -271,7 +271,8 @@ def expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, ExpertParall
             yield name, module
 
 
-def _owning_layer(layers: Sequence[tuple[str, ExpertParallelMoE]], name: str) -> tuple[str, str, ExpertParallelMoE] | None:
+def _owning_layer(layers: Sequence[tuple[str, ExpertParallelMoE]],
+                  name: str) -> tuple[str, str, ExpertParallelMoE] | None:
     """(prefix with trailing dot, name inside the layer, layer) for a name inside an EP layer."""
     for prefix, layer in layers:
         if prefix == "":  # the model is the layer itself

@@ -84,15 +84,15 @@ def _full_fp32(param: nn.Parameter) -> Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
 
     value = safe_get_full_fp32_param(param) if _has_hp_mapping(param) else param.detach()
-    return value.float().cpu().clone()
+    return value.float().clone()
 
 
 def _full_optimizer_state(engine, param: nn.Parameter, key: str) -> Tensor:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if _has_hp_mapping(param):
-        return safe_get_full_optimizer_state(param, key).float().cpu().clone()
-    return _base_optimizer(engine).state[param][key].float().cpu().clone()
+        return safe_get_full_optimizer_state(param, key).float().clone()
+    return _base_optimizer(engine).state[param][key].float().clone()
 
 
 def _optimizer_step(engine) -> int:
@@ -157,9 +157,14 @@ def _scheduler_state(engine) -> dict[str, Any] | None:
     scheduler = engine.lr_scheduler
     if scheduler is None:
         return None
-    if not isinstance(scheduler, LambdaLR):
-        raise TypeError(f"checkpoints restore LambdaLR schedules (warmup_cosine_schedule), got {type(scheduler).__name__}")
+    _check_scheduler(scheduler)
     return {"last_epoch": scheduler.last_epoch}
+
+
+def _check_scheduler(scheduler) -> None:
+    if not isinstance(scheduler, LambdaLR):
+        raise TypeError("checkpoints restore LambdaLR schedules (warmup_cosine_schedule), "
+                        f"got {type(scheduler).__name__}")
 
 
 def _restore_schedule(engine, saved: dict[str, Any] | None, lr: float) -> None:
@@ -171,8 +176,7 @@ def _restore_schedule(engine, saved: dict[str, Any] | None, lr: float) -> None:
         for group in groups:
             group["lr"] = lr
         return
-    if not isinstance(scheduler, LambdaLR):
-        raise TypeError(f"checkpoints restore LambdaLR schedules (warmup_cosine_schedule), got {type(scheduler).__name__}")
+    _check_scheduler(scheduler)
     position = int(saved["last_epoch"])
     lrs = [base * fn(position) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     state = scheduler.state_dict()
@@ -184,18 +188,27 @@ def _restore_schedule(engine, saved: dict[str, Any] | None, lr: float) -> None:
 
 # -- RNG ------------------------------------------------------------------------------------------
 
+def _to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _comm_device() -> torch.device:
+    """Where collective buffers must live: the current GPU for NCCL, else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _all_gather_bytes(data: bytes) -> list[bytes]:
     """Every rank's byte string (variable length), on every rank."""
-    world = dist.get_world_size()
-    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([payload.numel()]))
+    world, device = dist.get_world_size(), _comm_device()
+    payload = torch.tensor(list(data), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], device=device))
     longest = max(int(s) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: payload.numel()] = payload
-    gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return [bytes(g[: int(s)].numpy()) for g, s in zip(gathered, sizes)]
+    return [bytes(g[: int(s)].cpu().numpy()) for g, s in zip(gathered, sizes)]
 
 
 def _local_rng_state() -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -236,13 +249,14 @@ def save_checkpoint(engine, model: nn.Module, directory: str | Path, extra_state
         raise TypeError(f"extra_state must be JSON-serialisable: {e}") from None
     trainable = _trainable(model)
     step = _optimizer_step(engine)
-    weights = global_expert_state_dict(model, {name: _full_fp32(p) for name, p in trainable})
+    # full tensors are assembled and gathered on the parameters' device (NCCL needs it), then moved to CPU
+    weights = _to_cpu(global_expert_state_dict(model, {name: _full_fp32(p) for name, p in trainable}))
     moments: dict[str, Tensor] = {}
     if step > 0:  # AdamW has no state before its first step
         _link_optimizer_state(engine)
         for key in ADAM_STATE_KEYS:
             local = {name: _full_optimizer_state(engine, p, key) for name, p in trainable}
-            moments.update({f"{key}/{name}": t for name, t in global_expert_state_dict(model, local).items()})
+            moments.update({f"{key}/{name}": t for name, t in _to_cpu(global_expert_state_dict(model, local)).items()})
     rng_tensors, rng_states = _local_rng_state()
     gathered_rng = {k: _all_gather_bytes(v) for k, v in rng_tensors.items()}
     gathered_states = [json.loads(b) for b in _all_gather_bytes(json.dumps(rng_states).encode())]
@@ -337,5 +351,5 @@ def export_trainable_state(model: nn.Module) -> dict[str, Tensor]:
     Collective when the model is expert-parallel (experts are gathered). Use it for the
     stage-1 -> stage-2 hand-off; the receiving model loads the keys exactly.
     """
-    local = {name: p.detach().cpu().clone() for name, p in _trainable(model)}
-    return global_expert_state_dict(model, local) if dist.is_initialized() else local
+    local = {name: p.detach() for name, p in _trainable(model)}
+    return _to_cpu(global_expert_state_dict(model, local) if dist.is_initialized() else local)

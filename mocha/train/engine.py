@@ -71,7 +71,8 @@ class DeepSpeedSettings:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) and grad_accum ({self.grad_accum}) must be >= 1")
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) and grad_accum ({self.grad_accum}) "
+                             "must be >= 1")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         if self.precision not in ("fp32", "bf16", "fp16"):

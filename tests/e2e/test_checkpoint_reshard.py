@@ -7,13 +7,15 @@ two trainable Linear layers; loss = MSE + 0.1 balance + 0.01 z.
 The global batch of step s is always the same samples: 2 ranks x grad_accum 1 x micro 2 or
 1 rank x grad_accum 2 x micro 2. Tolerance for a resharded continuation: 1e-5 relative on
 losses and weights after 3 optimizer steps (observed ~1e-7: only float summation order differs);
-a same-world-size resume is bitwise identical.
+a same-world-size resume is bitwise identical, RNG streams included.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -92,21 +94,37 @@ def run_phase(rank: int, world: int, ep_size: int, load_from: str | None, save_t
     from mocha.train.checkpoint import export_trainable_state, load_checkpoint, save_checkpoint
 
     engine, model = build(world, ep_size)
-    start = 0
+    # distinct per-rank RNG streams, and other ones when resuming: only a restore brings them back
+    seed_everything((10 if load_from is None else 99) + rank)
+    start, rng_probe = 0, None
     if load_from is not None:
         extra = load_checkpoint(engine, model, load_from)
+        assert extra["shard"] == "s-000"
         start = extra["samples_consumed"] // GLOBAL_BATCH
         assert engine.global_steps == start
+        rng_probe = draw_random()
     train(engine, range(start, start + steps_before_save), rank, world)
     start += steps_before_save
     if save_to is not None:
         save_checkpoint(engine, model, save_to, {"samples_consumed": start * GLOBAL_BATCH, "shard": "s-000"})
+        rng_probe = draw_random()
     losses = train(engine, range(start, start + steps_after), rank, world)
-    return losses, export_trainable_state(model)
+    return losses, export_trainable_state(model), rng_probe
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def draw_random() -> list[float]:
+    """The next numbers of the python, numpy and torch generators."""
+    return [random.random(), float(np.random.rand()), torch.rand(()).item()]
 
 
 def assert_same_run(a, b, **tol) -> None:
-    (losses_a, weights_a), (losses_b, weights_b) = a, b
+    (losses_a, weights_a, _), (losses_b, weights_b, _) = a, b
     torch.testing.assert_close(torch.tensor(losses_a, dtype=torch.float64),
                                torch.tensor(losses_b, dtype=torch.float64), **tol)
     assert weights_a.keys() == weights_b.keys()
@@ -133,6 +151,8 @@ def test_two_ranks_resume_on_one_and_on_two(tmp_path: Path):
     # same world size: bitwise the same continuation
     same = run_distributed(run_phase, 2, 2, ckpt, None, 0, 3)
     assert_same_run(same[0], reference[0], rtol=0, atol=0)
+    assert [r[2] for r in same] == [r[2] for r in reference]  # each rank's RNG streams continue
+    assert reference[0][2] != reference[1][2]
 
     # 2 -> 1 rank (ep_size 1, grad_accum doubled): the same trajectory up to summation order
     single = run_distributed(run_phase, 1, 1, ckpt, None, 0, 3)

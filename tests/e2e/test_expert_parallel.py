@@ -4,8 +4,8 @@ Every rank feeds its own input. The single-process reference runs all ranks' inp
 ``MoEConnector``: rank r's output and losses must equal the reference on rank r's input; the
 replicated gate's gradient on rank r must equal the reference gate gradient of rank r's loss
 alone (DeepSpeed averages it over ranks later); an expert's gradient on its owning rank must
-equal the reference gradient of the *sum* of all ranks' losses (the all-to-all brings every
-EP-group rank's tokens, and their gradients, to the owner).
+equal the reference gradient of the *sum* of the losses of the ranks in its EP group (the
+all-to-all brings their tokens, and their gradients, to the owner).
 """
 
 from __future__ import annotations
