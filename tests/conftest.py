@@ -98,13 +98,16 @@ def s3_bucket(s3_server, request):
     return s3_server.create_bucket(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_server, tmp_path_factory):
-    """One local Ray cluster per test session (2 CPUs), isolated in its own RAY_TMPDIR.
+    """A local Ray cluster (2 CPUs) for one test module, isolated in its own RAY_TMPDIR and shut
+    down after the module, so that modules which start their own cluster (``ray start --head``
+    for job submission) never run beside it (two clusters on one machine interfere).
     It depends on ``s3_server`` so that every Ray worker inherits the S3 endpoint variables."""
     import ray
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = str(ray_tmp)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(ray_tmp), log_to_driver=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
@@ -112,3 +115,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     yield ray
     ray.shutdown()
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    if saved_tmpdir is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = saved_tmpdir

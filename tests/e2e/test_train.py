@@ -140,16 +140,17 @@ def _download(url: str, dest: Path) -> str:
 
 
 def test_resume_on_one_worker_follows_the_two_worker_trajectory(stage1, workspace):
-    """A checkpoint written by 2 workers (ep_size 2) resumes on 1 worker (ep_size 1): the global
-    batches are the same samples, so the losses continue the 2-worker run's."""
+    """A checkpoint written by 2 workers (ep_size 2) resumes on 1 worker (ep_size 1) with twice the
+    gradient accumulation: every step sees the same samples in the same micro-batches, so the
+    losses continue the 2-worker run's."""
     from mocha.train.launcher import fit
 
     job, result = stage1
     reference = _metrics(result.run_dir)
     ckpt = _checkpoints(result.run_dir)[3]
     one = _job(workspace, 1, "s1-one-worker",
-               scaling={"num_workers": 1, "cpus_per_worker": 0.5}, deepspeed={"ep_size": 1},
-               schedule={"micro_batch_size": job.schedule.global_batch_size})
+               scaling={"num_workers": 1, "cpus_per_worker": 0.5}, deepspeed={"ep_size": 1})
+    assert one.grad_accum == 2 * job.grad_accum
     resumed = fit(one, resume_from=str(ckpt))
     after = _metrics(resumed.run_dir)
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]  # history carried over from the checkpoint
