@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("mocha.eval.cli", "answer POPE / MME questions with a saved model, write answers and scores"),
     "generate": ("mocha.eval.generate", "answer one prompt about one image with a saved model"),
     "export": ("mocha.export_cli", "write a run's export or checkpoint in save_pretrained form (config + weights + tokenizer)"),
+    "bench": ("benchmarks.cli", "ratio benchmarks (ours vs baseline, same process); writes benchmarks/RESULTS.md"),
 }
 
 
