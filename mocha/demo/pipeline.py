@@ -30,7 +30,7 @@ class DemoConfig(StrictModel):
     stage1_steps: int = Field(default=30, ge=1)
     stage2_steps: int = Field(default=150, ge=1)
     global_batch_size: int = Field(default=16, ge=2)
-    width: int = Field(default=128, ge=16, description="LLM hidden size (the tiny model's width)")
+    width: int = Field(default=128, ge=16, multiple_of=8, description="LLM hidden size (the tiny model's width; a multiple of 8)")
     layers: int = Field(default=2, ge=1, description="LLM layers")
     workers: int = Field(default=2, ge=1)
     ep_size: int = Field(default=2, ge=1)
@@ -45,6 +45,7 @@ def demo_model_config(cfg: DemoConfig, template: str):
     llm = {"family": "phi", "config": {"vocab_size": 1024, "hidden_size": cfg.width, "intermediate_size": 4 * cfg.width,
                                        "num_hidden_layers": cfg.layers, "num_attention_heads": 4,
                                        "num_key_value_heads": 4, "max_position_embeddings": 512,
+                                       "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                                        "resid_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}}
     return tiny_model_config(llm=llm, template=template, max_length=256)
 

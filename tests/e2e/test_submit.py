@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -31,43 +33,52 @@ BIN = Path(sys.executable).parent
 def head(tmp_path_factory):
     """A Ray head node on loopback, started from this environment, stopped by its own CLI."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-head-", dir="/tmp"))
-    home = tmp_path_factory.mktemp("home")  # Ray writes its auth token under ~/.ray
-    gcs, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home), "RAY_AUTH_MODE": "token",
+    gcs, dash, agent, client, metrics = (free_port() for _ in range(5))
+    # Ray 2.60 token auth: a token of our own in the environment of the head and of every
+    # client (nothing read from or written to ~/.ray).
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-                    "--temp-dir", str(ray_tmp), "--disable-usage-stats"], env=env, check=True, timeout=180,
-                   capture_output=True)
+    started = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         # every port explicit: the defaults (52365, 10001, ...) may be taken by another Ray here
+         "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
+         "--metrics-export-port", str(metrics),
+         "--temp-dir", str(ray_tmp), "--disable-usage-stats"], env=env, timeout=180, capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, timeout=120, capture_output=True)
+    _stop_cluster(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _stop_cluster(ray_tmp: Path) -> None:
+    """Stop exactly this cluster (its processes name its temp dir), not every Ray on the machine."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if str(ray_tmp) in " ".join(proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 @pytest.fixture(scope="module")
 def project(head, tmp_path_factory):
     """A working dir holding a tiny job (executable YAML) and its data, built on the head."""
-    import ray
-
     from mocha.demo.pipeline import DemoConfig, demo_job
     from mocha.demo.synthetic import generate_shapes_dataset, iter_all_texts
     from mocha.text.tokenizer import train_bpe_tokenizer
-    from pipelines.shard import ShardJobConfig, build_shards
 
     root = tmp_path_factory.mktemp("project")
     paths = generate_shapes_dataset(root / "data" / "raw", num_train=32, num_eval=8)
     train_bpe_tokenizer(iter_all_texts(paths, templates=("plain",)), root / "tokenizer", vocab_size=1024)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    saved_home = os.environ.get("HOME")
-    os.environ["HOME"] = head["env"]["HOME"]
-    try:
-        ray.init(address=head["gcs"])
-        build_shards(ShardJobConfig(input=str(paths.stage1), images=str(paths.image_dir),
-                                    output=str(root / "data" / "stage1" / "shards"), samples_per_shard=8),
-                     progress=False)
-    finally:
-        ray.shutdown()
-        os.environ["HOME"] = saved_home or ""
+    # built on the head by the CLI (a Ray client in this process would need the token mode set
+    # before `import ray`)
+    shards = _run([str(BIN / "mocha"), "data", "shard", "--input", str(paths.stage1), "--images", str(paths.image_dir),
+                   "--output", str(root / "data" / "stage1" / "shards"), "--samples-per-shard", "8",
+                   "--ray-address", head["gcs"]], head, root)
+    assert shards.returncode == 0, shards.stdout[-2000:] + shards.stderr[-2000:]
     job = demo_job(DemoConfig(out=str(root), stage1_steps=2, global_batch_size=4, width=32), 1, root)
     data = job.model_dump(mode="json")
     data["data"]["features"] = None
@@ -79,7 +90,13 @@ def project(head, tmp_path_factory):
 
 
 def _run(cmd, head, cwd, timeout=420):
-    return subprocess.run(cmd, env=head["env"], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """Run a client command; retry (bounded) while the fresh head's job agent is not up yet."""
+    for _ in range(30):
+        out = subprocess.run(cmd, env=head["env"], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in out.stderr + out.stdout:
+            return out
+        time.sleep(2)
+    return out
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
