@@ -22,6 +22,8 @@ def _read_manifest(url: str, what: str) -> dict:
                           f"{'features' if what == 'data.features' else 'shard'}`)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what}: {manifest_url} is not valid JSON: {e}") from None
+    except (OSError, ValueError) as e:  # unreachable bucket, no credentials, bad URL
+        raise ConfigError(f"{what}: cannot read {manifest_url}: {e}") from None
 
 
 def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfig) -> list[ShardRef]:
@@ -37,7 +39,10 @@ def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfi
         return [ShardRef(name, storage.join_url(shards_url, name), n) for name, n in shards]
     from pipelines.features import FeatureManifest
 
-    features = FeatureManifest.load(features_url)
+    try:
+        features = FeatureManifest.load(features_url)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.features: {e}") from None
     try:
         features.check_compatible(model)
     except ValueError as e:
