@@ -92,13 +92,16 @@ def _decoded_images(shards: Path) -> list:
 
     from PIL import Image
 
-    from pipelines.features import _image_member
     from pipelines.tar_shards import iter_tar_samples
+    from pipelines.validation import IMAGE_EXTENSIONS
 
     images = []
     for tar in sorted(shards.glob("shard-*.tar")):
-        for _, members in iter_tar_samples(str(tar)):
-            images.append(Image.open(io.BytesIO(_image_member(members))).convert("RGB"))
+        for key, members in iter_tar_samples(str(tar)):
+            data = next((members[ext] for ext in IMAGE_EXTENSIONS.values() if ext in members), None)
+            if data is None:
+                raise ValueError(f"sample {key} of {tar} has no image member")
+            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
     return images
 
 
@@ -122,7 +125,7 @@ def _stored_features(features: Path, kind: str):
     arrays = []
     for tar in sorted(features.glob("shard-*.tar")):
         for _, members in iter_tar_samples(str(tar)):
-            arrays.append(decode_features({f"{name}": data for name, data in members.items()})[kind])
+            arrays.append(decode_features(members)[kind])
     return torch.from_numpy(np.stack(arrays))
 
 

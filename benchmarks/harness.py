@@ -127,7 +127,7 @@ def check_close(name: str, ours: Any, baseline: Any, atol: float, rtol: float = 
     """Raise :class:`OutputMismatch` unless two tensors agree; return the max absolute difference."""
     import torch
 
-    ours, baseline = torch.as_tensor(ours), torch.as_tensor(baseline)
+    ours, baseline = torch.as_tensor(ours).detach(), torch.as_tensor(baseline).detach()
     if ours.shape != baseline.shape:
         raise OutputMismatch(f"{name}: shape {tuple(ours.shape)} != baseline {tuple(baseline.shape)}")
     diff = (ours.double() - baseline.double()).abs()

@@ -53,7 +53,8 @@ def child_main(run: Any) -> None:
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2) -> Iterator[None]:
-    """A private local Ray session (own temp dir, ``num_cpus`` CPUs, no dashboard), shut down after."""
+    """A private local Ray session (own temp dir, ``num_cpus`` CPUs, no dashboard), shut down after;
+    its temp dir is removed, except after a failure (it holds the worker logs)."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="mocha-bench-ray-")
@@ -62,6 +63,9 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
              configure_logging=False)
     try:
         yield
-    finally:
+    except BaseException:
         ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        print(f"[bench] Ray logs kept for inspection under {temp_dir}", file=sys.stderr, flush=True)
+        raise
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -2,7 +2,10 @@
 
 Ours (``MoEConnector``) routes all ``B * N`` tokens at once and runs each expert once on the rows
 routed to it; the official code loops over samples and experts (``B * E`` expert calls, one
-``torch.where`` host sync each). Both run on the same module's weights; one step is forward,
+``torch.where`` host sync each). Note the official loop already runs an expert only on the
+tokens routed to it (not every expert on every token), so both sides do the same expert FLOPs:
+on a CPU, where the step is compute-bound, the reachable speed-up is bounded by the baseline's
+time over the experts' own compute (``expert_floor``, reported). Both run on the same module's weights; one step is forward,
 ``loss = <output, probe> + balance + z``, backward. Outputs, both losses and every parameter
 gradient must agree before anything is timed.
 
