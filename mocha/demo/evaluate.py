@@ -48,8 +48,8 @@ def evaluate_model(export_dir: str | None, model_config, tokenizer_dir, paths: D
     splits = scores["pope"]
     overall = sum(s["accuracy"] for s in splits.values()) / len(splits)
     mme_total = sum(t for t in scores["mme"]["totals"].values())
-    print(f"[demo] POPE accuracy {overall:.1%} ({', '.join(f'{k} {v['accuracy']:.1%}' for k, v in splits.items())}); "
-          f"MME total {mme_total:.1f}")
+    per_split = ", ".join(f"{name} {split['accuracy']:.1%}" for name, split in splits.items())
+    print(f"[demo] POPE accuracy {overall:.1%} ({per_split}); MME total {mme_total:.1f}")
     return {"scores": scores, "pope_accuracy": overall, "mme_total": mme_total, "answers_dir": str(out_dir)}
 
 

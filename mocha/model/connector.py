@@ -113,11 +113,17 @@ def plan_dispatch(routing: RouterOutput, num_experts: int) -> DispatchPlan:
 
 
 def run_experts(rows: Tensor, counts: Sequence[int], experts: Sequence[ExpertFn]) -> Tensor:
-    """Run ``experts[e]`` once on its ``counts[e]`` consecutive rows; experts with no rows are skipped."""
+    """Run ``experts[e]`` once on its ``counts[e]`` consecutive rows.
+
+    An expert with no rows still runs (on an empty chunk, at no cost), so its parameters are in
+    the autograd graph and get a zero gradient rather than none: data-parallel gradient
+    reductions (DDP, ZeRO) then see the same parameters on every rank, whichever experts that
+    rank's tokens happened to reach.
+    """
     if len(counts) != len(experts):
         raise ValueError(f"got {len(counts)} expert row counts for {len(experts)} experts")
     chunks = rows.split(list(counts))
-    return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks) if chunk.shape[0] > 0])
+    return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
 
 
 def combine_expert_rows(expert_rows: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
