@@ -48,7 +48,9 @@ def basename(url: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+    # S3 (and S3-compatible stores under load) answer some requests with transient errors, some
+    # embedded in a 200 response; retry those a few more times than the SDK default.
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
