@@ -172,7 +172,11 @@ def run(size: str, repeats: int) -> BenchmarkResult:
     timing = Timing(runs=result["runs"])
     n1, n2 = s.images_small_job, s.images_large_job
     t1, t2 = timing.median("ours_n1"), timing.median("ours_n2")
-    steady = (n2 - n1) / (t2 - t1) if t2 > t1 else float("inf")
+    # (n2 - n1) / (t2 - t1) needs the larger job to take measurably longer; at sizes where start-up
+    # noise swamps the extra work (the tiny smoke size) fall back to the whole larger job's
+    # throughput, start-up included: a lower bound on the steady state, never an overstatement.
+    measured = t2 > t1
+    steady = (n2 - n1) / (t2 - t1) if measured else n2 / t2
     bare = n2 / timing.median("baseline_n2")
     return BenchmarkResult(
         name=NAME,
@@ -183,11 +187,13 @@ def run(size: str, repeats: int) -> BenchmarkResult:
         sizes={**asdict(s), "encoder_tokens": result["tokens"], "encoder_width": result["hidden"]},
         repeats=repeats,
         seconds={**timing.medians(), "ray_startup": result["ray_startup_s"],
-                 "job_fixed_startup": t1 - n1 / steady if steady != float("inf") else None},
+                 "job_fixed_startup": t1 - n1 / steady if measured else None},
         extra={"images_per_s_ours_steady": steady, "images_per_s_bare_loop": bare,
-               "images_per_s_ours_whole_job_n2": n2 / t2, "max_abs_feature_diff": result["max_abs_diff"],
+               "images_per_s_ours_whole_job_n2": n2 / t2, "steady_state_from_two_sizes": measured,
+               "max_abs_feature_diff": result["max_abs_diff"],
                "process_tree_peak_rss_mib": round(tree_peak / 2**20, 1)},
-        notes="steady state from two job sizes: (n2 - n1) / (t2 - t1); job_fixed_startup = t1 - n1 / steady "
+        notes="steady state from two job sizes: (n2 - n1) / (t2 - t1) (or, when the larger job was not measurably "
+              "slower, the larger job's whole-job throughput as a lower bound); job_fixed_startup = t1 - n1 / steady "
               "(actor pool + encoder load + Ray Data planning). Torch threads 1 on both sides. Features stored "
               "float32 and checked equal to the bare loop's.",
     )
