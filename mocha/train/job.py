@@ -36,7 +36,9 @@ class DataConfig(StrictModel):
         "global batch order depends only on it, so a run resumes identically on any worker count that "
         "divides it (default: scaling.num_workers)")
     shuffle_shards: bool = True
-    prefetch_batches: int = Field(default=2, ge=0)
+    prefetch_batches: int = Field(
+        default=2, ge=0, description="optimizer steps whose micro-batches are read, decoded and collated "
+        "ahead on a background thread while the current step computes (0: read inline)")
 
 
 class ScheduleConfig(StrictModel):

@@ -2,7 +2,8 @@
 
 Build the model (without the frozen encoders when training from feature shards), load the
 stage-1 hand-off for stage 2, wrap it in DeepSpeed (ZeRO + expert parallelism), restore the
-latest checkpoint if there is one, then loop: read this worker's micro-batches for the step,
+latest checkpoint if there is one, then loop: take this worker's micro-batches for the step
+(read, decoded and collated ahead on a background thread, ``data.prefetch_batches`` steps deep),
 forward/backward each, step, report metrics, checkpoint every N steps and at the end, export.
 """
 
@@ -83,6 +84,7 @@ def train_func(config: dict) -> None:
     from mocha.train.data import RankData, StreamPlan, collate, decode_row
     from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine, warmup_cosine_schedule
     from mocha.train.metrics import MetricsLog
+    from mocha.train.prefetch import StepPrefetcher
     from mocha.train.shards import load_shard_refs
     from pipelines.storage import resolve_filesystem
 
@@ -139,51 +141,64 @@ def train_func(config: dict) -> None:
     preprocess = None if from_features else model.preprocess
     pad_id = tokenizer.pad_token_id
 
-    for step in range(start_step, steps):
-        t_start = time.perf_counter()
-        micro_batches = data.next_step()
-        batches = [collate(mb, pad_id, preprocess) for mb in micro_batches]
-        t_data = time.perf_counter() - t_start
-        m = StepMetrics()
-        for batch in batches:
-            inputs = batch.model_inputs(device)
-            if inputs["features"] is None and inputs["pixel_values"] is None:
-                inputs["features"] = dummy_features(model, device)
-            out = engine(**inputs)
-            loss = out.loss
-            moe_llm = collect_llm_aux_loss(model, job)
-            if moe_llm is not None:
-                loss = loss + moe_llm
-                m.moe_llm_loss += float(moe_llm.detach())
-            engine.backward(loss)
-            engine.step()
-            m.loss += float(loss.detach())
-            m.lm_loss += float(out.lm_loss)
-            m.balance_loss += float(out.balance_loss)
-            m.z_loss += float(out.z_loss)
-            m.tokens += int(batch.attention_mask.sum())
-            m.samples += batch.num_samples
-            m.masked_samples += batch.num_masked
-            for kind, load in out.expert_load.items():
-                m.expert_load[kind] = m.expert_load.get(kind, 0) + load.detach().float().cpu()
-        elapsed = time.perf_counter() - t_start
-        record = metrics_log.step_record(step + 1, m, len(batches), elapsed, t_data,
-                                         lr=engine.lr_scheduler.get_last_lr()[0])
-        done = step + 1 == steps
-        if (step + 1) % job.checkpoint.every_steps == 0 or done:
-            with tempfile.TemporaryDirectory(prefix="mocha-ckpt-") as directory:
-                ckpt.save_checkpoint(engine, model, directory, {
-                    STATE_STEP: step + 1, "num_streams": job.num_streams,
-                    "samples_per_stream": (step + 1) * job.schedule.global_batch_size // job.num_streams,
-                    "world_size": world, "stage": job.stage})
-                if rank == 0:
-                    metrics_log.write(directory)
-                if done:
-                    export_model(job, model, engine, tokenizer, rank)
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory)
-                                 if rank == 0 else None)
-        else:
-            ray.train.report(record)
+    def next_step_batches():
+        return [collate(mb, pad_id, preprocess) for mb in data.next_step()]
+
+    # The next steps' micro-batches are read, decoded and collated on a background thread while
+    # this one computes. The checkpointed data position is `step + 1` optimizer steps
+    # (`samples_per_stream`), never how far the prefetcher has read ahead of the loop.
+    with StepPrefetcher(next_step_batches, depth=job.data.prefetch_batches, total=steps - start_step) as prefetched:
+        for step in range(start_step, steps):
+            t_start = time.perf_counter()
+            batches = prefetched.next()  # data wait: what prefetching did not hide
+            t_data = time.perf_counter() - t_start
+            m = run_micro_batches(engine, model, job, batches, device)
+            elapsed = time.perf_counter() - t_start
+            record = metrics_log.step_record(step + 1, m, len(batches), elapsed, t_data,
+                                             lr=engine.lr_scheduler.get_last_lr()[0])
+            done = step + 1 == steps
+            if (step + 1) % job.checkpoint.every_steps == 0 or done:
+                with tempfile.TemporaryDirectory(prefix="mocha-ckpt-") as directory:
+                    ckpt.save_checkpoint(engine, model, directory, {
+                        STATE_STEP: step + 1, "num_streams": job.num_streams,
+                        "samples_per_stream": (step + 1) * job.schedule.global_batch_size // job.num_streams,
+                        "world_size": world, "stage": job.stage})
+                    if rank == 0:
+                        metrics_log.write(directory)
+                    if done:
+                        export_model(job, model, engine, tokenizer, rank)
+                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory)
+                                     if rank == 0 else None)
+            else:
+                ray.train.report(record)
+
+
+def run_micro_batches(engine, model, job: JobConfig, batches, device) -> StepMetrics:
+    """Forward/backward every micro-batch of one optimizer step (DeepSpeed steps the optimizer
+    at the accumulation boundary); this worker's summed metrics."""
+    m = StepMetrics()
+    for batch in batches:
+        inputs = batch.model_inputs(device)
+        if inputs["features"] is None and inputs["pixel_values"] is None:
+            inputs["features"] = dummy_features(model, device)
+        out = engine(**inputs)
+        loss = out.loss
+        moe_llm = collect_llm_aux_loss(model, job)
+        if moe_llm is not None:
+            loss = loss + moe_llm
+            m.moe_llm_loss += float(moe_llm.detach())
+        engine.backward(loss)
+        engine.step()
+        m.loss += float(loss.detach())
+        m.lm_loss += float(out.lm_loss)
+        m.balance_loss += float(out.balance_loss)
+        m.z_loss += float(out.z_loss)
+        m.tokens += int(batch.attention_mask.sum())
+        m.samples += batch.num_samples
+        m.masked_samples += batch.num_masked
+        for kind, load in out.expert_load.items():
+            m.expert_load[kind] = m.expert_load.get(kind, 0) + load.detach().float().cpu()
+    return m
 
 
 def dummy_features(model, device) -> dict[str, torch.Tensor]:

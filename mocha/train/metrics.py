@@ -3,6 +3,12 @@
 ``metrics.jsonl`` (one JSON object per optimizer step) is written into every checkpoint and to
 ``<storage>/<run>/metrics.jsonl``; a resumed run restores the history from its checkpoint, so
 the file always covers the whole run exactly once.
+
+``data_wait_s`` is the time the loop blocked waiting for the step's collated micro-batches
+(mean over workers); ``data_wait_fraction`` = summed waits / summed step times. The batches are
+prepared ahead on a background thread (``data.prefetch_batches``), so this is the part of the
+read + decode + collate work that prefetching did not hide; with ``prefetch_batches: 0`` it is
+all of that work.
 """
 
 from __future__ import annotations

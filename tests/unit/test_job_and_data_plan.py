@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from mocha.config import ConfigError
 from mocha.train.data import RankData, ShardRef, StreamPlan
 from mocha.train.job import load_job
+from mocha.train.prefetch import StepPrefetcher
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +47,7 @@ def _base() -> dict:
     (lambda d: d["deepspeed"].update(zero_stage=3, ep_size=1), "zero_stage 3 cannot be used with MoE"),
     (lambda d: d["model"].update(template="plain"), "stage 2 instruction-tunes"),
     (lambda d: d["schedule"].update(global_batch_size=100), "global_batch_size (100)"),
+    (lambda d: d["data"].update(prefetch_batches=-1), "data.prefetch_batches"),
 ])
 def test_invalid_job_fails_naming_the_field(tmp_path, mutate, field):
     data = _base()
@@ -95,7 +98,9 @@ def test_shuffle_is_seeded_and_differs_per_epoch():
 
 
 
-def _global_batches(world, steps, start_step=0, monkeypatch=None):
+def _rank_data(monkeypatch, world, rank, start_step=0):
+    """RankData over four small shards in two streams; rows are "<shard>:<index>" keys (the Ray
+    Data read is replaced by a generator of the same rows, in shard order)."""
     import mocha.train.data as data
 
     plan = StreamPlan(_shards([3, 5, 4, 6]), num_streams=2, seed=1)
@@ -107,9 +112,12 @@ def _global_batches(world, steps, start_step=0, monkeypatch=None):
                 yield {"__key__": f"{by_url[p].name}:{i}"}
 
     monkeypatch.setattr(data, "read_rows", fake_read_rows)
-    ranks = [RankData(plan, r, world, global_batch=4, micro_batch=4 // world if world == 2 else 2,
-                      start_step=start_step, filesystem_for=lambda u: (None, u), decode=lambda row: row["__key__"])
-             for r in range(world)]
+    return RankData(plan, rank, world, global_batch=4, micro_batch=4 // world if world == 2 else 2,
+                    start_step=start_step, filesystem_for=lambda u: (None, u), decode=lambda row: row["__key__"])
+
+
+def _global_batches(world, steps, start_step=0, monkeypatch=None):
+    ranks = [_rank_data(monkeypatch, world, r, start_step) for r in range(world)]
     out = []
     for _ in range(steps):
         micro = []
@@ -127,3 +135,92 @@ def test_global_batches_are_identical_on_1_and_2_workers_and_resume_exactly(monk
     assert len(seen) == len(set(seen)) == 16  # nothing repeated inside the first epoch slice
     resumed = _global_batches(2, 4, start_step=6, monkeypatch=monkeypatch)
     assert resumed == two[6:10]
+
+
+# ---------------------------------------------------------------- prefetching
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("mocha-prefetch")]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefetched_steps_equal_inline_steps_and_are_made_off_the_loop_thread(monkeypatch, depth):
+    inline = _rank_data(monkeypatch, 2, 1)
+    expected = [inline.next_step() for _ in range(9)]  # crosses shard and epoch boundaries
+    ahead = _rank_data(monkeypatch, 2, 1)
+    threads = []
+
+    def make_step():
+        threads.append(threading.current_thread())
+        return ahead.next_step()
+
+    with StepPrefetcher(make_step, depth=depth, total=9) as prefetched:
+        assert list(prefetched) == expected
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert _prefetch_threads() == []  # stopped at the end
+
+
+def test_prefetch_depth_zero_reads_inline():
+    calls = []
+    with StepPrefetcher(lambda: calls.append(threading.current_thread()) or len(calls), depth=0, total=3) as p:
+        assert list(p) == [1, 2, 3]
+    assert calls == [threading.main_thread()] * 3
+
+
+def test_prefetcher_counts_only_consumed_steps_and_a_resume_there_continues_the_order(monkeypatch):
+    ahead = _rank_data(monkeypatch, 1, 0)
+    calls = []
+
+    def make_step():
+        calls.append(len(calls))
+        return ahead.next_step()
+
+    with StepPrefetcher(make_step, depth=2, total=10) as prefetched:
+        taken = [prefetched.next() for _ in range(4)]
+        assert prefetched.consumed == 4
+        assert len(calls) <= 4 + 2  # at most `depth` steps prepared ahead, none counted as consumed
+        rest = list(prefetched)
+    assert len(calls) == 10  # never reads past the run's last step
+    resumed = _rank_data(monkeypatch, 1, 0, start_step=4)  # a checkpoint after 4 steps
+    assert [resumed.next_step() for _ in range(6)] == rest
+    assert taken + rest == _global_batches(1, 10, monkeypatch=monkeypatch)
+
+
+def test_a_failing_step_raises_its_own_error_in_the_loop_and_stops_the_thread():
+    def make_step():
+        make_step.calls += 1
+        if make_step.calls == 3:
+            raise ValueError("sample 'k3': feature shard has no features for encoders ['clip']")
+        return make_step.calls
+
+    make_step.calls = 0
+    prefetched = StepPrefetcher(make_step, depth=2, total=8)
+    assert [prefetched.next(), prefetched.next()] == [1, 2]
+    with pytest.raises(ValueError, match=r"sample 'k3': feature shard has no features"):
+        prefetched.next()
+    assert _prefetch_threads() == []
+    assert make_step.calls == 3  # nothing read after the failure
+    with pytest.raises(RuntimeError, match="closed"):
+        prefetched.next()
+
+
+def test_closing_mid_run_waits_for_the_step_in_progress_and_drops_the_rest():
+    in_second_step, release = threading.Event(), threading.Event()
+    started = []
+
+    def make_step():
+        started.append(len(started) + 1)
+        if len(started) == 2:
+            in_second_step.set()
+            release.wait()
+        return started[-1]
+
+    prefetched = StepPrefetcher(make_step, depth=2, total=100)
+    assert prefetched.next() == 1
+    in_second_step.wait()  # step 2 is being prepared, step 3 is queued behind it
+    closer = threading.Thread(target=prefetched.close)
+    closer.start()
+    release.set()
+    closer.join()
+    assert _prefetch_threads() == []
+    assert started == [1, 2]  # the queued step was cancelled, not run
