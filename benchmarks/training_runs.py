@@ -1,14 +1,16 @@
 """The training runs behind the three training benchmarks, run once per harness invocation.
 
-A Ray Train fit costs tens of seconds of fixed start-up here, so the three training benchmarks
+A Ray Train fit costs tens of seconds of fixed start-up here, so the training benchmarks
 (``train_from_features``, ``train_data_wait``, ``expert_parallel``) share one child process, one
 private local Ray (2 CPUs) and one prepared workspace (the coloured-shapes dataset, a BPE
-tokenizer, stage-1 image shards and their feature shards), and three stage-1 fits of the
+tokenizer, stage-1 image shards and their feature shards), and four stage-1 fits of the
 demo's tiny model (``mocha.demo.pipeline.demo_job``) on 2 workers, ZeRO-2, fp32:
 
 * ``online_ep2``: from image shards, frozen encoders run inside the step, ``ep_size=2``;
 * ``features_ep2``: the same job from the precomputed feature shards (no encoders on the workers);
-* ``features_ep1``: the same as ``features_ep2`` with ``ep_size=1`` (experts replicated).
+* ``features_ep1``: the same as ``features_ep2`` with ``ep_size=1`` (experts replicated);
+* ``features_ep2_inline``: ``features_ep2`` with ``data.prefetch_batches: 0`` (the step's batches
+  read, decoded and collated inline, not prepared ahead on the background thread).
 
 Each fit's ``metrics.jsonl`` gives per-step ``step_time_s``, ``data_wait_s`` and
 ``data_wait_fraction``; the first ``warmup_steps`` steps (allocator and Ray Data warm-up) are
@@ -29,7 +31,23 @@ from typing import Any
 
 from benchmarks.isolation import child_main, local_ray, run_child
 
-RUNS = ("online_ep2", "features_ep2", "features_ep1")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one benchmark fit differs from the demo's stage-1 job."""
+
+    from_features: bool
+    ep_size: int
+    prefetch_batches: int | None = None  # None: the job's default
+
+
+RUNS = {
+    "online_ep2": Fit(from_features=False, ep_size=2),
+    "features_ep2": Fit(from_features=True, ep_size=2),
+    "features_ep1": Fit(from_features=True, ep_size=1),
+    "features_ep2_inline": Fit(from_features=True, ep_size=2, prefetch_batches=0),
+}
 
 
 @dataclass(frozen=True)
@@ -72,10 +90,12 @@ def _prepare(root: Path, s: TrainSize):
 def _job(cfg, root: Path, run: str):
     from mocha.demo.pipeline import demo_job
 
+    spec = RUNS[run]
     job = demo_job(cfg, 1, root).model_dump()
-    online = run.startswith("online")
-    job["data"]["features"] = None if online else job["data"]["features"]
-    job["deepspeed"]["ep_size"] = 2 if run.endswith("ep2") else 1
+    job["data"]["features"] = job["data"]["features"] if spec.from_features else None
+    if spec.prefetch_batches is not None:
+        job["data"]["prefetch_batches"] = spec.prefetch_batches
+    job["deepspeed"]["ep_size"] = spec.ep_size
     job["checkpoint"]["every_steps"] = cfg.stage1_steps  # one checkpoint, at the end
     job["run"]["name"] = run
     job["schedule"]["log_every"] = 10**6
@@ -85,7 +105,7 @@ def _job(cfg, root: Path, run: str):
 
 
 def child(size: str) -> dict[str, Any]:
-    """In a fresh process: prepare the workspace and run the three fits; per-run step metrics."""
+    """In a fresh process: prepare the workspace and run the fits; per-run step metrics."""
     from mocha.train.launcher import fit
 
     s = SIZES[size]
@@ -114,7 +134,7 @@ _OUTCOMES: dict[str, dict[str, Any] | Exception] = {}
 
 
 def results(size: str) -> dict[str, Any]:
-    """The three fits' metrics, run once per process and size (a failure is kept and re-raised
+    """The fits' metrics, run once per process and size (a failure is kept and re-raised
     too, so the other training benchmarks do not rerun the fits)."""
     if size not in _OUTCOMES:
         try:
