@@ -18,13 +18,16 @@ group and across groups. Three forms, chosen by ``HGAConfig.mode``:
     * ``g_i = sigmoid(10 * (mean_d |x_i - x_agg_i| - 0.2))``, ``y_i = (1 - g_i) x_i + g_i x_agg_i``,
       output ``layer_norm(y)`` over features without affine parameters.
 
-    ``hga_graph_batched`` computes this for a batch of images at once: one ``[B, N, N]``
-    similarity, masked top-k for the two neighbour kinds (taking the largest cap of any group and
-    masking the slots beyond each token's own cap), and the edges as a dense ``[B, N, N]`` weight
-    matrix whose transpose adds the reversed edges. The two ``[B, N, N]`` tensors are its memory
-    cost (4 bytes each entry: about 36 MB per image at N = 3000); ``chunk_size`` bounds it by
-    processing that many images at a time. It computes in float32 whatever the input dtype (the
-    min-max normalisation's 1e-8 is meaningless in bf16) and returns the input dtype.
+    ``hga_graph_batched`` computes this for a batch of images at once, one encoder group's rows
+    of the similarity at a time (``[B, |g|, N]``; never ``[B, N, N]``): the top-k of each kind is
+    found by scanning block maxima of those rows instead of sorting every row
+    (``_BlockedRows``), and the chosen edges are aggregated as an edge list by weighted gathers
+    (``embedding_bag``), the reversed edges grouped by a sort, instead of a dense ``N x N``
+    adjacency and matmul. Peak memory is one group's similarity rows, ``B * |g| * N`` float32
+    (``chunk_size`` images at a time bounds it further). What depends only on the groups (their
+    order, padding, per-token neighbour caps, the edge rows) is a ``GroupLayout``, computed once
+    per module. It computes in float32 whatever the input dtype (the min-max normalisation's
+    1e-8 is meaningless in bf16) and returns the input dtype.
 
 ``attention`` (a learnable form for ablations)
     Multi-head self-attention restricted to each group (run per group slice, so no ``N x N``
@@ -39,6 +42,7 @@ group and across groups. Three forms, chosen by ``HGAConfig.mode``:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -68,6 +72,87 @@ def split_k(k: int, intra_share: float) -> tuple[int, int]:
     return intra_k, k - intra_k
 
 
+#: Similarity rows are scanned in blocks of this many columns (then sub-blocks) to find their top-k;
+#: each group's columns are padded to a multiple of it.
+_BLOCK = 32
+_SUB_BLOCK = 8
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where each group's tokens sit and how many neighbours of each kind they pick.
+
+    Computed once per ``group_ids`` (``GraphHGA`` keeps it): tokens are taken in group order
+    (``order`` permutes them there; ``None`` when the groups are already contiguous), group ``g``
+    is ``bounds[g] = (start, end)`` in that order, and each of its tokens picks ``intra_caps[g]``
+    neighbours inside the group, then ``inter_caps[g]`` outside it. The image's edges are listed
+    row by row in that order: ``edge_rows[e]`` is the token that chose edge ``e`` and
+    ``row_starts[i]`` is the first edge of token ``i``.
+
+    Similarity rows are computed against a padded column layout in which every group spans a
+    multiple of ``_BLOCK`` columns (``padded_bounds``): token ``i`` is column
+    ``padded_columns[i]``, column ``c`` is token ``padded_tokens[c]`` (0 for padding), and
+    ``padding`` lists the padding columns.
+    """
+
+    order: Tensor | None  #: [N] long
+    bounds: tuple[tuple[int, int], ...]
+    intra_caps: tuple[int, ...]
+    inter_caps: tuple[int, ...]
+    edge_rows: Tensor  #: [E] long
+    row_starts: Tensor  #: [N] long
+    padded_bounds: tuple[tuple[int, int], ...]
+    padded_columns: Tensor  #: [N] long
+    padded_tokens: Tensor  #: [padded width] long
+    padding: Tensor  #: [padded width - N] long
+
+    @classmethod
+    def from_group_ids(cls, group_ids: Tensor, k: int, intra_share: float) -> GroupLayout:
+        if group_ids.dim() != 1 or group_ids.numel() == 0 or group_ids.dtype.is_floating_point:
+            got = f"{group_ids.dtype} {tuple(group_ids.shape)}"
+            raise ValueError(f"group_ids must be a non-empty 1-D integer tensor, got {got}")
+        if k < 0 or not 0.0 <= intra_share <= 1.0:
+            raise ValueError(f"need k >= 0 and 0 <= intra_share <= 1, got k={k}, intra_share={intra_share}")
+        group_ids = group_ids.detach().cpu()
+        order = torch.argsort(group_ids, stable=True)
+        sizes = [int(s) for s in torch.unique_consecutive(group_ids[order], return_counts=True)[1]]
+        num_tokens = group_ids.numel()
+        intra_k, inter_k = split_k(k, intra_share)
+        intra_caps = tuple(min(intra_k, size - 1) for size in sizes)
+        inter_caps = tuple(min(inter_k, num_tokens - size) for size in sizes)
+        degree = torch.repeat_interleave(torch.tensor([i + o for i, o in zip(intra_caps, inter_caps)]), torch.tensor(sizes))
+
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        spans = [-(-size // _BLOCK) * _BLOCK for size in sizes]
+        padded_starts = [sum(spans[:g]) for g in range(len(sizes))]
+        padded_width = sum(spans)
+        padded_columns = torch.cat([torch.arange(size) + p for size, p in zip(sizes, padded_starts)])
+        padded_tokens = torch.zeros(padded_width, dtype=torch.long).index_copy_(0, padded_columns, torch.arange(num_tokens))
+        is_padding = torch.ones(padded_width, dtype=torch.bool).index_fill_(0, padded_columns, False)
+        return cls(
+            order=None if bool((order == torch.arange(num_tokens)).all()) else order,
+            bounds=tuple((st, st + size) for st, size in zip(starts, sizes)),
+            intra_caps=intra_caps,
+            inter_caps=inter_caps,
+            edge_rows=torch.repeat_interleave(torch.arange(num_tokens), degree),
+            row_starts=torch.cumsum(degree, 0) - degree,
+            padded_bounds=tuple((p, p + span) for p, span in zip(padded_starts, spans)),
+            padded_columns=padded_columns,
+            padded_tokens=padded_tokens,
+            padding=torch.nonzero(is_padding).flatten(),
+        )
+
+    @property
+    def num_edges(self) -> int:
+        return self.edge_rows.numel()
+
+    def to(self, device: torch.device | str) -> GroupLayout:
+        """This layout with its tensors on ``device``."""
+        names = ("edge_rows", "row_starts", "padded_columns", "padded_tokens", "padding")
+        moved = {name: getattr(self, name).to(device) for name in names}
+        return replace(self, order=None if self.order is None else self.order.to(device), **moved)
+
+
 def hga_graph(x: Tensor, group_ids: Tensor, k: int = 10, intra_share: float = 0.7) -> tuple[Tensor, Tensor]:
     """Graph HGA of one image: x [N, D], group_ids [N] -> (output [N, D], gate [N])."""
     if x.dim() != 2:
@@ -81,73 +166,155 @@ def hga_graph_batched(
 ) -> tuple[Tensor, Tensor]:
     """Graph HGA of every image of x [B, N, D] (same ``group_ids`` [N] for all): -> ([B, N, D], [B, N]).
 
-    ``chunk_size`` images are processed at a time (default: all), bounding the two
-    ``[chunk_size, N, N]`` float32 tensors that dominate memory; results do not depend on it.
+    ``chunk_size`` images are processed at a time (default: all); results do not depend on it.
     """
     if x.dim() != 3:
         raise ValueError(f"hga_graph_batched expects x of shape [B, N, D], got {tuple(x.shape)}")
     if group_ids.shape != (x.shape[1],) or group_ids.dtype.is_floating_point:
         got = f"{group_ids.dtype} {tuple(group_ids.shape)}"
         raise ValueError(f"group_ids must be an integer tensor of shape [N={x.shape[1]}], got {got}")
-    if k < 0 or not 0.0 <= intra_share <= 1.0:
-        raise ValueError(f"need k >= 0 and 0 <= intra_share <= 1, got k={k}, intra_share={intra_share}")
+    return hga_graph_with_layout(x, GroupLayout.from_group_ids(group_ids, k, intra_share), chunk_size)
+
+
+def hga_graph_with_layout(x: Tensor, layout: GroupLayout, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """``hga_graph_batched`` with the group layout already computed (x [B, N, D] in the original token order)."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    intra_k, inter_k = split_k(k, intra_share)
-    group_ids = group_ids.to(x.device)
-    chunks = x.split(chunk_size) if chunk_size else (x,)
-    results = [_graph_chunk(chunk, group_ids, intra_k, inter_k) for chunk in chunks]
-    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+    layout = layout.to(x.device)
+    if layout.order is not None:
+        x = x.index_select(1, layout.order)
+    if layout.num_edges == 0:  # no token has a neighbour: the official code returns the normalised input
+        out, gate = F.layer_norm(x.float(), x.shape[-1:]).to(x.dtype), x.new_zeros(x.shape[:2])
+    else:
+        results = [_graph_chunk(chunk, layout) for chunk in (x.split(chunk_size) if chunk_size else (x,))]
+        out, gate = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+    if layout.order is not None:
+        restore = torch.argsort(layout.order)
+        out, gate = out.index_select(1, restore), gate.index_select(1, restore)
+    return out, gate
 
 
-def _chosen_edges(sim: Tensor, group_ids: Tensor, intra_k: int, inter_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each token's chosen neighbours: (scores [B, N, K], neighbour index [B, N, K], valid [N, K]).
+def _chosen_edges(unit: Tensor, temperature: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor]:
+    """Every token's chosen neighbours, row by row: (scores [B, E], neighbour index [B, E]).
 
-    The caps differ per group, so each kind takes the top (largest cap) of its masked similarity
-    and marks the slots beyond the token's own cap invalid. K = 0 when no token has a neighbour.
+    One group's rows of the cosine similarity at a time (``[B, |g|, padded width]``, never
+    ``[B, N, N]``), with the row's own token and the padding set to ``-inf``: the group's own
+    blocks of columns give the intra neighbours, all other blocks the inter neighbours. The
+    temperature is positive, so it scales only the chosen cosines (the same rounding as scaling
+    all of them, and ``s_ij`` stays bitwise equal to ``s_ji``, which the min-max
+    normalisation's 1e-8 makes matter).
     """
-    num_tokens = group_ids.shape[0]
-    same_group = group_ids[:, None] == group_ids[None, :]
-    not_self = ~torch.eye(num_tokens, dtype=torch.bool, device=sim.device)
-    group_size = same_group.sum(dim=1)
-    kinds = (
-        (same_group & not_self, (group_size - 1).clamp(max=intra_k)),
-        (~same_group, (num_tokens - group_size).clamp(max=inter_k)),
-    )
-    scores, index, valid = [], [], []
-    for allowed, cap in kinds:
-        top = int(cap.max())
-        if top == 0:
+    batch, _, dim = unit.shape
+    columns = unit.new_zeros(batch, layout.padded_tokens.numel(), dim).index_copy(1, layout.padded_columns, unit)
+    columns = columns.transpose(1, 2)  # [B, D, padded width]
+    scores, neighbours = [], []
+    groups = zip(layout.bounds, layout.padded_bounds, layout.intra_caps, layout.inter_caps)
+    for (start, end), (padded_start, padded_end), intra, inter in groups:
+        if intra + inter == 0:
             continue
-        values, idx = sim.masked_fill(~allowed, float("-inf")).topk(top, dim=-1)
-        scores.append(values)
-        index.append(idx)
-        valid.append(torch.arange(top, device=sim.device) < cap[:, None])
-    if not scores:
-        empty = sim.new_zeros(sim.shape[0], num_tokens, 0)
-        return empty, empty.long(), torch.zeros(num_tokens, 0, dtype=torch.bool, device=sim.device)
-    return torch.cat(scores, dim=-1), torch.cat(index, dim=-1), torch.cat(valid, dim=-1)
+        sim = torch.bmm(unit[:, start:end], columns)  # [B, |g|, padded width]
+        sim.index_fill_(-1, layout.padding, float("-inf"))
+        sim[:, :, padded_start:padded_end].diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+        rows = _BlockedRows(sim.flatten(0, 1))
+        own = (padded_start // _BLOCK, padded_end // _BLOCK)
+        picked = [rows.topk(cap, own, inside=inside) for cap, inside in ((intra, True), (inter, False)) if cap]
+        scores.append(torch.cat([values for values, _ in picked], dim=-1).view(batch, -1) * temperature[:, None])
+        index = torch.cat([index for _, index in picked], dim=-1).view(batch, -1)
+        neighbours.append(layout.padded_tokens[index])
+    return torch.cat(scores, dim=1), torch.cat(neighbours, dim=1)
 
 
-def _graph_chunk(x: Tensor, group_ids: Tensor, intra_k: int, inter_k: int) -> tuple[Tensor, Tensor]:
+class _BlockedRows:
+    """Exact top-k of rows [R, L] (``L`` a multiple of ``_BLOCK``) over a range of column blocks.
+
+    ``torch.topk`` copies and partially sorts every row, a cost per element and per row. Here
+    one vectorised pass takes the maximum of every block of ``_BLOCK`` columns; the ``k`` largest
+    values of a row lie in its ``k`` blocks with the largest maxima, so only those are copied
+    out, cut into ``_SUB_BLOCK`` strided sub-blocks and narrowed the same way before a
+    ``torch.topk`` over at most ``k * _SUB_BLOCK`` candidates. Values stay differentiable (they
+    are gathered from the rows); ties between equal values may pick either.
+    """
+
+    def __init__(self, rows: Tensor) -> None:
+        self.rows = rows
+        self.num_blocks = rows.shape[1] // _BLOCK
+        with torch.no_grad():
+            self.maxima = rows.view(rows.shape[0], self.num_blocks, _BLOCK).amax(dim=-1)  # [R, blocks]
+
+    def topk(self, k: int, blocks: tuple[int, int], inside: bool) -> tuple[Tensor, Tensor]:
+        """(values [R, k], column [R, k]) of the k largest in blocks ``[first, stop)`` (or outside them)."""
+        first, stop = blocks
+        with torch.no_grad():
+            if inside:
+                allowed, offset = self.maxima[:, first:stop], first
+            else:
+                allowed, offset = self.maxima.clone(), 0
+                allowed[:, first:stop] = float("-inf")
+            num_allowed = stop - first if inside else self.num_blocks - (stop - first)
+            chosen = allowed.topk(min(k, allowed.shape[1]), dim=-1, sorted=False).indices + offset  # [R, c]
+        num_rows, num_chosen = chosen.shape
+        flat_blocks = (torch.arange(num_rows, device=chosen.device) * self.num_blocks).unsqueeze(1) + chosen
+        candidates = self.rows.view(-1, _BLOCK).index_select(0, flat_blocks.flatten()).view(num_rows, -1)
+        if num_chosen > num_allowed:  # too few allowed blocks: the others filled up the choice
+            outside = (chosen < first) | (chosen >= stop) if inside else (chosen >= first) & (chosen < stop)
+            candidates = candidates.masked_fill(outside.repeat_interleave(_BLOCK, dim=1), float("-inf"))
+        values, position = _topk_by_strided_blocks(candidates, k)
+        return values, chosen.gather(1, position // _BLOCK) * _BLOCK + position % _BLOCK
+
+
+def _topk_by_strided_blocks(candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, position) of the k largest of each row of candidates [R, C]: ``C / _SUB_BLOCK``
+    sub-blocks of ``_SUB_BLOCK`` columns with stride ``C / _SUB_BLOCK`` (so that their maxima are
+    one vectorised reduction), the k with the largest maxima, then ``torch.topk``."""
+    num_rows, width = candidates.shape
+    stride = width // _SUB_BLOCK
+    if width <= k * _SUB_BLOCK:
+        return candidates.topk(k, dim=-1, sorted=False)
+    with torch.no_grad():
+        maxima = candidates.view(num_rows, _SUB_BLOCK, stride).amax(dim=1)  # [R, stride]
+        chosen = maxima.topk(k, dim=-1, sorted=False).indices  # [R, k]
+    positions = (chosen.unsqueeze(-1) + torch.arange(_SUB_BLOCK, device=chosen.device) * stride).flatten(1)
+    values, which = candidates.gather(1, positions).topk(k, dim=-1, sorted=False)
+    return values, positions.gather(1, which)
+
+
+def _aggregate(xf: Tensor, neighbours: Tensor, weight: Tensor, layout: GroupLayout) -> Tensor:
+    """``x_agg_i = sum_j w_ij x_j / (sum_j w_ij + eps)`` over the chosen edges and their reverses.
+
+    Weighted gathers (``embedding_bag``) over the edge list instead of an ``N x N`` adjacency:
+    edges out of ``i`` are already grouped by row; the reversed ones are grouped by sorting on
+    the neighbour.
+    """
+    batch, num_tokens, dim = xf.shape
+    device = xf.device
+    table = xf.reshape(batch * num_tokens, dim)
+    image_shift = torch.arange(batch, device=device)[:, None]
+    cols = (neighbours + image_shift * num_tokens).flatten()
+    rows = (layout.edge_rows + image_shift * num_tokens).flatten()
+    w = weight.flatten()
+    starts = (layout.row_starts + image_shift * layout.num_edges).flatten()
+    outgoing = F.embedding_bag(cols, table, starts, mode="sum", per_sample_weights=w)
+    by_neighbour = torch.argsort(cols.int() if batch * num_tokens < 2**31 else cols)  # int32 sorts twice as fast
+    in_degree = torch.bincount(cols, minlength=batch * num_tokens)
+    incoming = F.embedding_bag(
+        rows[by_neighbour], table, torch.cumsum(in_degree, 0) - in_degree, mode="sum", per_sample_weights=w[by_neighbour]
+    )
+    weight_sum = torch.zeros(batch * num_tokens, device=device).index_add_(0, rows, w).index_add_(0, cols, w)
+    return ((outgoing + incoming) / (weight_sum[:, None] + _EPS)).view(batch, num_tokens, dim)
+
+
+def _graph_chunk(x: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor]:
     xf = x.float()
-    temperature = torch.exp(1.0 / xf.norm(dim=-1).mean(dim=-1))  # [B]
-    unit = F.normalize(xf, dim=-1)
-    sim = unit @ unit.transpose(1, 2) * temperature[:, None, None]  # [B, N, N]
+    norms = xf.norm(dim=-1, keepdim=True)  # [B, N, 1]
+    temperature = torch.exp(1.0 / norms.mean(dim=(1, 2)))  # [B]
+    unit = xf / norms.clamp_min(1e-12)  # F.normalize, reusing the norms
+    scores, neighbours = _chosen_edges(unit, temperature, layout)
+    low, high = scores.amin(dim=1, keepdim=True), scores.amax(dim=1, keepdim=True)
+    weight = (scores - low) / (high - low + _EPS)  # min-max over all chosen edges of each image
+    x_agg = _aggregate(xf, neighbours, weight, layout)
 
-    scores, neighbour, valid = _chosen_edges(sim, group_ids, intra_k, inter_k)
-    valid = valid.expand_as(scores)
-    scores = torch.where(valid, scores, 0.0)  # drop the -inf of invalid slots before any arithmetic
-    low = torch.where(valid, scores, float("inf")).amin(dim=(1, 2), keepdim=True)
-    high = torch.where(valid, scores, float("-inf")).amax(dim=(1, 2), keepdim=True)
-    weight = torch.where(valid, (scores - low) / (high - low + _EPS), 0.0)
-
-    forward_edges = torch.zeros_like(sim).scatter_add(2, neighbour, weight)  # [b, i, j] = w(i -> j)
-    adjacency = forward_edges + forward_edges.transpose(1, 2)  # plus every edge reversed
-    x_agg = (adjacency @ xf) / (adjacency.sum(dim=-1, keepdim=True) + _EPS)
-
-    gate = torch.sigmoid(10.0 * ((xf - x_agg).abs().mean(dim=-1, keepdim=True) - 0.2))
-    mixed = (1.0 - gate) * xf + gate * x_agg
+    gate = torch.sigmoid(10.0 * ((xf - x_agg).abs_().mean(dim=-1, keepdim=True) - 0.2))
+    mixed = torch.lerp(xf, x_agg, gate)  # (1 - gate) * x + gate * x_agg
     out = F.layer_norm(mixed, mixed.shape[-1:])
     return out.to(x.dtype), gate.squeeze(-1).to(x.dtype)
 
@@ -163,10 +330,16 @@ class GraphHGA(nn.Module):
         self.intra_share = intra_share
         self.chunk_size = chunk_size
         self.register_buffer("group_ids", group_ids_from_sizes(group_sizes), persistent=False)
+        self._layouts = {}  # device -> GroupLayout: computed once, not per call
+
+    def layout(self, device: torch.device) -> GroupLayout:
+        if device not in self._layouts:
+            self._layouts[device] = GroupLayout.from_group_ids(self.group_ids, self.k, self.intra_share).to(device)
+        return self._layouts[device]
 
     def forward(self, x: Tensor) -> HGAOutput:
         _check_tokens(x, self.group_ids.numel())
-        return HGAOutput(*hga_graph_batched(x, self.group_ids, self.k, self.intra_share, self.chunk_size))
+        return HGAOutput(*hga_graph_with_layout(x, self.layout(x.device), self.chunk_size))
 
 
 class AttentionHGA(nn.Module):

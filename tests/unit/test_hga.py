@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mocha.config import HGAConfig
 from mocha.model.hga import (
     AttentionHGA,
     GraphHGA,
+    GroupLayout,
     NoHGA,
     build_hga,
     group_ids_from_sizes,
@@ -83,6 +85,84 @@ def test_batched_graph_matches_per_image_loop(sizes, k, share):
         ref_out, ref_gate = reference_hga_graph(x[b], group_ids.tolist(), k, share)
         torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(gate[b].double(), ref_gate, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "sizes,k,share",
+    [
+        ([70, 5, 40, 33], 10, 0.7),  # several 32-column blocks per group; one group with fewer blocks than intra_k
+        ([70, 5], 10, 0.7),  # group 0's rows have fewer outside blocks than inter_k: own blocks fill up, masked
+        ([100], 12, 0.7),  # one large group: intra only, sub-blocks searched
+    ],
+)
+def test_batched_graph_matches_per_image_loop_on_multi_block_groups(sizes, k, share):
+    """Groups wider than the 32-column blocks the top-k scans: the block-maxima search stays exact."""
+    torch.manual_seed(len(sizes) * 11 + k)
+    group_ids = group_ids_from_sizes(sizes)
+    x = torch.randn(2, len(group_ids), 6) * torch.tensor([0.7, 2.0])[:, None, None]
+    out, gate = hga_graph_batched(x, group_ids, k, share)
+    for b in range(x.shape[0]):
+        ref_out, ref_gate = reference_hga_graph(x[b], group_ids.tolist(), k, share)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gate[b].double(), ref_gate, atol=1e-5, rtol=0)
+
+
+def dense_hga_graph(x: torch.Tensor, group_ids: torch.Tensor, k: int, intra_share: float) -> torch.Tensor:
+    """One image with a dense masked similarity, per-token top-k and a dense adjacency: a
+    differentiable formulation of the same definition (float32), to compare gradients with."""
+    n_tokens = x.shape[0]
+    sim = F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T * torch.exp(1.0 / x.norm(dim=-1).mean())
+    same = group_ids[:, None] == group_ids[None, :]
+    intra_k, inter_k = int(k * intra_share), k - int(k * intra_share)
+    weights = torch.zeros(n_tokens, n_tokens)
+    scores, cells = [], []
+    for i in range(n_tokens):
+        for allowed, cap in ((same[i] & (torch.arange(n_tokens) != i), intra_k), (~same[i], inter_k)):
+            cap = min(cap, int(allowed.sum()))
+            if cap:
+                values, index = sim[i].masked_fill(~allowed, float("-inf")).topk(cap)
+                scores.append(values)
+                cells += [(i, int(j)) for j in index]
+    scores = torch.cat(scores)
+    normed = (scores - scores.min()) / (scores.max() - scores.min() + 1e-8)
+    rows, cols = torch.tensor([c[0] for c in cells]), torch.tensor([c[1] for c in cells])
+    weights = weights.index_put((rows, cols), normed, accumulate=True)
+    adjacency = weights + weights.T
+    x_agg = adjacency @ x / (adjacency.sum(dim=1, keepdim=True) + 1e-8)
+    gate = torch.sigmoid(10.0 * ((x - x_agg).abs().mean(dim=-1, keepdim=True) - 0.2))
+    return F.layer_norm((1 - gate) * x + gate * x_agg, x.shape[-1:])
+
+
+def test_graph_gradients_match_a_dense_formulation():
+    torch.manual_seed(6)
+    group_ids = group_ids_from_sizes([40, 6, 35])
+    x = torch.randn(2, len(group_ids), 8, requires_grad=True)
+    probe = torch.randn(2, len(group_ids), 8)
+    out, _ = hga_graph_batched(x, group_ids, k=10)
+    (grad,) = torch.autograd.grad((out * probe).sum(), x)
+    expected = torch.stack([
+        torch.autograd.grad((dense_hga_graph(x[b], group_ids, 10, 0.7) * probe[b]).sum(), x)[0][b] for b in range(2)
+    ])
+    torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_group_layout_pads_groups_to_blocks_and_lists_edges_by_row():
+    layout = GroupLayout.from_group_ids(torch.tensor([1, 1, 0, 1, 0]), k=3, intra_share=0.7)  # intra 2, inter 1
+    assert layout.order.tolist() == [2, 4, 0, 1, 3]  # group 0 first, stable
+    assert layout.bounds == ((0, 2), (2, 5)) and layout.intra_caps == (1, 2) and layout.inter_caps == (1, 1)
+    assert layout.edge_rows.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert layout.row_starts.tolist() == [0, 2, 4, 7, 10]
+    assert layout.padded_bounds == ((0, 32), (32, 64))
+    assert layout.padded_tokens[layout.padded_columns].tolist() == [0, 1, 2, 3, 4]
+    assert layout.padding.numel() == 64 - 5
+    assert GroupLayout.from_group_ids(torch.tensor([0, 0, 1]), 3, 0.7).order is None  # already in group order
+
+
+def test_no_edges_gives_the_normalised_input_like_the_official_code():
+    x = torch.randn(2, 3, 4)
+    out, gate = hga_graph_batched(x, torch.zeros(3, dtype=torch.long), k=0)
+    torch.testing.assert_close(out, F.layer_norm(x, (4,)))
+    assert torch.equal(gate, torch.zeros(2, 3))
 
 
 def test_non_contiguous_group_ids_and_single_image_form():
