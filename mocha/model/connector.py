@@ -13,7 +13,9 @@ exact semantics so that released weights load and reproduce:
 Router softmax/logsumexp run in float32 whatever the model dtype. Experts run once each on the
 tokens routed to them (grouped dispatch), never on every token. Dispatch is factored into
 ``plan_dispatch`` / ``run_experts`` / ``combine_expert_rows`` so that an expert-parallel connector
-can reuse ``MoEConnector.route`` and exchange the planned rows between ranks in between.
+can reuse ``MoEConnector.route`` and exchange the planned rows between ranks in between; the
+local path fuses the last two (``run_and_combine``: each expert's weighted rows go onto their
+tokens in place, no concatenation).
 
 ``DenseConnector`` (LLaVA's ``mlp2x_gelu``) is the ablation baseline, and
 ``upcycle_dense_connector`` initialises every expert of a new MoE connector from a trained dense one.
@@ -133,11 +135,33 @@ def combine_expert_rows(expert_rows: Tensor, plan: DispatchPlan, num_tokens: int
     return out.index_add_(0, plan.token_index, weighted)
 
 
+def run_and_combine(rows: Tensor, plan: DispatchPlan, experts: Sequence[ExpertFn], num_tokens: int) -> Tensor:
+    """``combine_expert_rows(run_experts(rows, plan.counts, experts), plan, num_tokens)`` without
+    concatenating the expert outputs: each expert's weighted rows are added onto their tokens
+    (in place, into one ``[T, out]`` buffer) as soon as it has run. The sums are the same, in the
+    same order; what goes is a copy of all ``T*k`` output rows and the ``[T*k, out]``
+    temporaries of weighting them at once (and of its backward). Every expert runs, as in
+    ``run_experts``.
+    """
+    if len(plan.counts) != len(experts):
+        raise ValueError(f"got {len(plan.counts)} expert row counts for {len(experts)} experts")
+    counts = list(plan.counts)
+    out = None
+    for expert, expert_rows, token_index, weight in zip(
+        experts, rows.split(counts), plan.token_index.split(counts), plan.weight.split(counts)
+    ):
+        hidden = expert(expert_rows)
+        if out is None:
+            out = hidden.new_zeros(num_tokens, hidden.shape[-1])
+        out.index_add_(0, token_index, hidden * weight.to(hidden.dtype).unsqueeze(-1))
+    return out
+
+
 def dispatch_and_combine(tokens: Tensor, routing: RouterOutput, experts: Sequence[ExpertFn]) -> Tensor:
     """The local (single-rank) MoE: tokens [T, in] + routing -> sum_k w_k expert_k(token), [T, out]."""
     plan = plan_dispatch(routing, len(experts))
-    rows = run_experts(tokens[plan.token_index], plan.counts, experts)
-    return combine_expert_rows(rows, plan, tokens.shape[0])
+    # index_select, not tokens[index]: its backward is one index_add, not an accumulating index_put
+    return run_and_combine(tokens.index_select(0, plan.token_index), plan, experts, tokens.shape[0])
 
 
 def _expert_mlp(in_features: int, out_features: int) -> nn.Sequential:

@@ -16,8 +16,12 @@ from mocha.model.connector import (
     Router,
     balance_loss,
     build_connector,
+    combine_expert_rows,
     dispatch_and_combine,
+    plan_dispatch,
     router_z_loss,
+    run_and_combine,
+    run_experts,
     upcycle_dense_connector,
 )
 
@@ -148,6 +152,38 @@ def test_each_expert_runs_once_on_exactly_its_tokens():
             assert calls[e].shape[0] == 0  # runs on an empty chunk (zero gradient, see run_experts)
     assert sum(len(rows) for rows in calls.values()) == 11 * 2
     torch.testing.assert_close(combined, moe(tokens[None]).hidden_states[0])
+
+
+def test_run_and_combine_equals_concatenated_experts_then_combine():
+    """The in-place per-expert combine is the same sum as running all experts, concatenating and
+    combining once (the expert-parallel path), in outputs and gradients, with an expert left idle."""
+    torch.manual_seed(7)
+    moe = MoEConnector(IN, OUT, num_experts=4, top_k=2)
+    with torch.no_grad():
+        moe.gate.weight[3] = -10.0  # with positive tokens, expert 3 gets none
+    tokens = (torch.rand(13, IN) + 0.1).requires_grad_(True)
+    routing = moe.route(tokens)
+    plan = plan_dispatch(routing, 4)
+    assert plan.counts[3] == 0
+    rows = tokens.index_select(0, plan.token_index)
+    probe = torch.randn(13, OUT)
+
+    def grads(out):
+        moe.zero_grad(set_to_none=True)
+        tokens.grad = None
+        (out * probe).sum().backward(retain_graph=True)
+        return [tokens.grad.clone()] + [p.grad.clone() for p in moe.parameters() if p.grad is not None]
+
+    fused = run_and_combine(rows, plan, moe.experts, 13)
+    fused_grads = grads(fused)
+    reference = combine_expert_rows(run_experts(rows, plan.counts, moe.experts), plan, 13)
+    reference_grads = grads(reference)
+    assert torch.equal(fused, reference)
+    assert len(fused_grads) == len(reference_grads) == 1 + 1 + 4 * 4  # tokens, gate, every expert (idle ones too)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="3 experts"):
+        run_and_combine(rows, plan, moe.experts[:3], 13)
 
 
 def test_router_module_matches_connector_routing():
