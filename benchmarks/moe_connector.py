@@ -1,9 +1,10 @@
 """MoE connector forward + backward: grouped dispatch vs the official per-sample, per-expert loop.
 
 Ours (``MoEConnector``) routes all ``B * N`` tokens at once, runs each expert once on the rows
-routed to it and adds its weighted rows onto their tokens in place; the official code loops over samples and experts (``B * E`` expert calls, one
-``torch.where`` host sync each). Note the official loop already runs an expert only on the
-tokens routed to it (not every expert on every token), so both sides do the same expert FLOPs:
+routed to it and adds its weighted rows onto their tokens in place; the official code loops over
+samples and experts (``B * E`` expert calls, one ``torch.where`` host sync each). Note the
+official loop already runs an expert only on the tokens routed to it (not every expert on every
+token), so both sides do the same expert FLOPs:
 on a CPU, where the step is compute-bound, the reachable speed-up is bounded by the baseline's
 time over the experts' own compute (``expert_floor``, reported). Both run on the same module's
 weights; one step is forward,
@@ -109,7 +110,8 @@ def run(size: str, repeats: int) -> BenchmarkResult:
               f"implementation can beat baseline/floor = {bound:.2f} here; ours_over_expert_floor is what our "
               "routing, dispatch and combine add on top. The official loop runs each expert only on its "
               "routed tokens (same FLOPs as ours), so on a compute-bound CPU core the gap is its per-(sample, "
-              "expert) call and sync overhead, and a ratio >= 5 needs baseline/floor > 5. Before the per-expert in-place combine "
-              "(commit 297561c: concatenated expert rows, one weighting and index_add over all T*k rows) the "
-              "ratio was 2.48 (ours 1.63x the then floor, which also computed a loss).",
+              "expert) call and sync overhead: a ratio >= 5 would need ours at the floor itself (routing, "
+              "gather, weighting and combine for free). Before the per-expert in-place combine (commit "
+              "297561c: concatenated expert rows, one weighting and index_add over all T*k rows) the ratio "
+              "was 2.48 (ours 1.63x the then floor, which also computed a loss).",
     )

@@ -120,14 +120,16 @@ class GroupLayout:
         intra_k, inter_k = split_k(k, intra_share)
         intra_caps = tuple(min(intra_k, size - 1) for size in sizes)
         inter_caps = tuple(min(inter_k, num_tokens - size) for size in sizes)
-        degree = torch.repeat_interleave(torch.tensor([i + o for i, o in zip(intra_caps, inter_caps)]), torch.tensor(sizes))
+        per_group_degree = torch.tensor([intra + inter for intra, inter in zip(intra_caps, inter_caps)])
+        degree = torch.repeat_interleave(per_group_degree, torch.tensor(sizes))  # [N] edges out of each token
 
         starts = [sum(sizes[:g]) for g in range(len(sizes))]
         spans = [-(-size // _BLOCK) * _BLOCK for size in sizes]
         padded_starts = [sum(spans[:g]) for g in range(len(sizes))]
         padded_width = sum(spans)
         padded_columns = torch.cat([torch.arange(size) + p for size, p in zip(sizes, padded_starts)])
-        padded_tokens = torch.zeros(padded_width, dtype=torch.long).index_copy_(0, padded_columns, torch.arange(num_tokens))
+        padded_tokens = torch.zeros(padded_width, dtype=torch.long)
+        padded_tokens.index_copy_(0, padded_columns, torch.arange(num_tokens))
         is_padding = torch.ones(padded_width, dtype=torch.bool).index_fill_(0, padded_columns, False)
         return cls(
             order=None if bool((order == torch.arange(num_tokens)).all()) else order,
@@ -296,9 +298,8 @@ def _aggregate(xf: Tensor, neighbours: Tensor, weight: Tensor, layout: GroupLayo
     outgoing = F.embedding_bag(cols, table, starts, mode="sum", per_sample_weights=w)
     by_neighbour = torch.argsort(cols.int() if batch * num_tokens < 2**31 else cols)  # int32 sorts twice as fast
     in_degree = torch.bincount(cols, minlength=batch * num_tokens)
-    incoming = F.embedding_bag(
-        rows[by_neighbour], table, torch.cumsum(in_degree, 0) - in_degree, mode="sum", per_sample_weights=w[by_neighbour]
-    )
+    in_starts = torch.cumsum(in_degree, 0) - in_degree
+    incoming = F.embedding_bag(rows[by_neighbour], table, in_starts, mode="sum", per_sample_weights=w[by_neighbour])
     weight_sum = torch.zeros(batch * num_tokens, device=device).index_add_(0, rows, w).index_add_(0, cols, w)
     return ((outgoing + incoming) / (weight_sum[:, None] + _EPS)).view(batch, num_tokens, dim)
 
