@@ -48,6 +48,7 @@ from mocha.model.connector import (
     RouterOutput,
     combine_expert_rows,
     plan_dispatch,
+    run_and_combine,
     run_experts,
 )
 from mocha.model.moe_llm import MoEFeedForward, RecordsMoELosses, RoutingStats
@@ -135,9 +136,9 @@ class ExpertParallelMoE(MoE):
     def expert_parallel_combine(self, tokens: Tensor, routing: RouterOutput) -> Tensor:
         """tokens [T, in] + their routing -> sum_k w_k expert_k(token) [T, out], across the EP group."""
         plan = plan_dispatch(routing, self.num_experts)
-        rows = tokens[plan.token_index]  # [T*k, in], grouped by global expert
+        rows = tokens.index_select(0, plan.token_index)  # [T*k, in], grouped by global expert
         if self.ep_size == 1:
-            return combine_expert_rows(run_experts(rows, plan.counts, self.local_experts), plan, tokens.shape[0])
+            return run_and_combine(rows, plan, self.local_experts, tokens.shape[0])
 
         ep, local = self.ep_size, self.num_local_experts
         # counts travel on the tokens' device (NCCL exchanges device tensors only)
