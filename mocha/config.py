@@ -79,6 +79,23 @@ class LLMConfig(StrictModel):
     tokenizer: str | None = Field(default=None, description="hub id or local dir; default: same as pretrained")
 
 
+class LLMExpertsConfig(StrictModel):
+    """MoE-LLaVA-style experts inside the LLM: the FFN of each listed decoder layer becomes
+    ``num_experts`` copies of itself (upcycled) routed top-k. Part of the architecture, so an
+    exported model records it and loads back with the same layers; training jobs set it through
+    ``moe_llm`` (which adds the auxiliary-loss weights)."""
+
+    layers: list[int] = Field(min_length=1)
+    num_experts: int = Field(default=4, ge=1)
+    top_k: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "LLMExpertsConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+
 class ModelConfig(StrictModel):
     encoders: list[EncoderConfig] = Field(
         default_factory=lambda: [EncoderConfig(kind=k) for k in MOCHA_ENCODER_ORDER], min_length=1
@@ -86,6 +103,8 @@ class ModelConfig(StrictModel):
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
     hga: HGAConfig = Field(default_factory=HGAConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    llm_experts: LLMExpertsConfig | None = Field(
+        default=None, description="MoE layers inside the LLM (None: dense LLM); jobs set this through moe_llm")
     template: Literal["plain", "vicuna_v1", "phi"] = "phi"
     max_length: int = Field(default=2048, gt=0)
 

@@ -72,6 +72,11 @@ class MochaModel(nn.Module):
         super().__init__()
         self.config = config
         self.llm = build_llm(config.llm, vocab_size=vocab_size, device=device)
+        if config.llm_experts is not None:
+            from mocha.model.moe_llm import upcycle_llm_ffn
+
+            experts = config.llm_experts
+            upcycle_llm_ffn(self.llm, experts.layers, experts.num_experts, experts.top_k)
         hidden = llm_hidden_size(self.llm)
         encoders = [build_encoder(cfg, device=device) for cfg in config.encoders]
         self.encoder_kinds: tuple[str, ...] = tuple(e.kind for e in encoders)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from mocha.config import ConfigError, ModelConfig, StrictModel, load_yaml, parse_model
+from mocha.config import ConfigError, LLMExpertsConfig, ModelConfig, StrictModel, load_yaml, parse_model
 
 
 class InitConfig(StrictModel):
@@ -110,9 +110,22 @@ class JobConfig(StrictModel):
     run: RunConfig
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime environment used by `mocha submit`")
 
+    @property
+    def architecture(self) -> ModelConfig:
+        """The model this job trains: ``model`` plus the LLM experts of ``moe_llm`` when enabled
+        (what the export's config records)."""
+        if not self.moe_llm.enabled:
+            return self.model
+        experts = LLMExpertsConfig(layers=self.moe_llm.layers, num_experts=self.moe_llm.num_experts,
+                                   top_k=self.moe_llm.top_k)
+        return self.model.model_copy(update={"llm_experts": experts})
+
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
         workers, ep = self.scaling.num_workers, self.deepspeed.ep_size
+        if self.model.llm_experts is not None:
+            raise ValueError("model.llm_experts is written by exports; in a job, turn LLM experts on with moe_llm "
+                             "(enabled, layers, num_experts, top_k)")
         if workers % ep:
             raise ValueError(f"deepspeed.ep_size ({ep}) must divide scaling.num_workers ({workers})")
         moe_sizes = [("model.connector.num_experts", self.model.connector.num_experts)] \

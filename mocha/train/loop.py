@@ -63,13 +63,9 @@ def build_model(job: JobConfig, vocab_size: int, device):
     from mocha.model.mocha import MochaModel
     from mocha.train.handoff import load_trainable
 
-    model = MochaModel(job.model, vocab_size=vocab_size, with_encoders=job.data.features is None)
+    model = MochaModel(job.architecture, vocab_size=vocab_size, with_encoders=job.data.features is None)
     if job.init.trainable_from:
         load_trainable(model, job.init.trainable_from)
-    if job.moe_llm.enabled:
-        from mocha.model.moe_llm import upcycle_llm_ffn
-
-        upcycle_llm_ffn(model.llm, job.moe_llm.layers, job.moe_llm.num_experts, job.moe_llm.top_k)
     model.set_trainable(job.stage)
     if job.schedule.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()

@@ -195,3 +195,40 @@ def test_killed_worker_restarts_from_checkpoint_with_identical_final_weights(sta
         torch.testing.assert_close(final[key], reference[key], rtol=0, atol=1e-6)
     records = _metrics(out.run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+
+
+def test_stage2_with_moe_layers_in_the_llm_trains_them_expert_parallel(stage1, workspace):
+    """MoE-LLaVA-style LLM experts (``moe_llm``) in a real Ray Train run: layer 1's FFN is upcycled
+    into 4 experts split over 2 ranks (ep_size 2); every step reports their auxiliary loss, the
+    export holds all 4 experts gathered under global names, and the experts, identical copies of
+    the FFN at the start, come out different: each saw its own routed tokens. The export loads
+    back with the same layers."""
+    from mocha.train.launcher import fit
+
+    _, result1 = stage1
+    job = _job(workspace, 2, "s2-moe-llm", init={"trainable_from": result1.export_dir}, schedule={"max_steps": 3},
+               moe_llm={"enabled": True, "layers": [1], "num_experts": 4, "top_k": 2})
+    assert job.deepspeed.ep_size == 2 and job.scaling.num_workers == 2
+    result = fit(job)
+    records = _metrics(result.run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["moe_llm_loss"] > 0 for r in records)
+
+    exported = load_file(Path(result.export_dir) / "model.safetensors")
+    prefix = "llm.model.layers.1.mlp.experts."
+    experts = {int(k[len(prefix):].split(".")[0]) for k in exported if k.startswith(prefix)}
+    assert experts == {0, 1, 2, 3}
+    weights = [torch.cat([v.flatten() for k, v in sorted(exported.items()) if k.startswith(f"{prefix}{i}.")])
+               for i in range(4)]
+    assert all(not torch.equal(weights[0], w) for w in weights[1:])
+    assert not any(k.startswith("llm.model.layers.0.mlp.experts.") for k in exported)  # layer 0 stays dense
+
+    # the export records the experts in its config, so it loads back and answers
+    from mocha.eval.pretrained import load_pretrained
+    from mocha.model.moe_llm import MoEFeedForward
+
+    model, tokenizer = load_pretrained(result.export_dir)
+    assert model.config.llm_experts.layers == [1]
+    assert isinstance(model.llm.model.layers[1].mlp, MoEFeedForward)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in exported.items())

@@ -48,6 +48,7 @@ def _base() -> dict:
     (lambda d: d["model"].update(template="plain"), "stage 2 instruction-tunes"),
     (lambda d: d["schedule"].update(global_batch_size=100), "global_batch_size (100)"),
     (lambda d: d["data"].update(prefetch_batches=-1), "data.prefetch_batches"),
+    (lambda d: d["model"].update(llm_experts={"layers": [0]}), "turn LLM experts on with moe_llm"),
 ])
 def test_invalid_job_fails_naming_the_field(tmp_path, mutate, field):
     data = _base()
@@ -55,6 +56,17 @@ def test_invalid_job_fails_naming_the_field(tmp_path, mutate, field):
     with pytest.raises(ConfigError) as err:
         load_job(_write(tmp_path, data))
     assert field in str(err.value)
+
+
+def test_architecture_records_the_llm_experts_of_moe_llm(tmp_path):
+    dense = load_job(_write(tmp_path, _base()))
+    assert dense.architecture is dense.model and dense.model.llm_experts is None
+    data = _base()
+    data["moe_llm"] = {"enabled": True, "layers": [1], "num_experts": 4, "top_k": 2}
+    job = load_job(_write(tmp_path, data))
+    experts = job.architecture.llm_experts
+    assert (experts.layers, experts.num_experts, experts.top_k) == ([1], 4, 2)
+    assert job.model.llm_experts is None  # the job's own model section stays as written
 
 
 def test_overrides_apply_by_dotted_path(tmp_path):

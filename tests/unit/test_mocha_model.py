@@ -163,6 +163,36 @@ def test_save_load_round_trip_identical_outputs(tmp_path):
         fresh.load_part_state_dict(partial, ("connectors", "hga"))
 
 
+def test_llm_experts_are_part_of_the_architecture_and_load_back(tmp_path):
+    """A model with MoE layers in its LLM (``llm_experts``) saves and loads back with the same
+    layers and outputs; without the setting the upcycled weights would not fit the config."""
+    from mocha.model.moe_llm import MoEFeedForward
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(llm_experts={"layers": [1], "num_experts": 4, "top_k": 2})
+    m = MochaModel(cfg, vocab_size=VOCAB).eval()
+    assert isinstance(m.llm.model.layers[1].mlp, MoEFeedForward)
+    assert not isinstance(m.llm.model.layers[0].mlp, MoEFeedForward)
+    with torch.no_grad():  # experts differ, as after training, so routing matters
+        for p in m.llm.model.layers[1].mlp.experts.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 10, 11]])
+    px = _pixels(m, _images(1))
+    want = m(ids, torch.ones_like(ids), pixel_values=px).logits
+    m.save_pretrained(tmp_path)
+    loaded = MochaModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.llm_experts == cfg.llm_experts
+    assert torch.equal(loaded(ids, torch.ones_like(ids), pixel_values=px).logits, want)
+    import json
+
+    saved = json.loads((tmp_path / "mocha_config.json").read_text())
+    (tmp_path / "mocha_config.json").write_text(json.dumps({**saved, "llm_experts": None}))
+    with pytest.raises(KeyError, match="unexpected.*mlp.experts"):
+        MochaModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="top_k"):
+        tiny_model_config(llm_experts={"layers": [1], "num_experts": 2, "top_k": 3})
+
+
 def test_generate_is_deterministic_greedy(model):
     model.eval()
     ids = torch.tensor([[IMAGE_TOKEN_INDEX, 10, 11]])
