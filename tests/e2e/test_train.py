@@ -176,11 +176,16 @@ def test_killed_worker_restarts_from_checkpoint_with_identical_final_weights(sta
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             if any(run_dir.glob("checkpoint_*/state.json")):
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    cmd = " ".join(proc.info["cmdline"] or [])
-                    if "RayTrainWorker" in cmd and proc.info["pid"] != os.getpid():
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                # only this test's cluster: ray.init started its raylet, whose workers descend
+                # from this process (never another session's Ray workers on a shared machine)
+                for proc in psutil.Process(os.getpid()).children(recursive=True):
+                    try:
+                        cmd = " ".join(proc.cmdline())
+                    except psutil.Error:  # exited meanwhile
+                        continue
+                    if "RayTrainWorker" in cmd:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
                         return
             time.sleep(0.05)
 
