@@ -45,18 +45,23 @@ class EncoderConfig(StrictModel):
     )
 
 
-class ConnectorConfig(StrictModel):
-    kind: Literal["moe", "dense"] = "moe"
+class RoutedExpertsConfig(StrictModel):
+    """``num_experts`` experts of which a router picks ``top_k`` per token (MoE connectors, LLM experts)."""
+
     num_experts: int = Field(default=4, ge=1)
     top_k: int = Field(default=2, ge=1)
-    balance_coef: float = Field(default=0.1, ge=0)
-    z_coef: float = Field(default=0.01, ge=0)
 
     @model_validator(mode="after")
-    def _top_k_le_experts(self) -> "ConnectorConfig":
+    def _top_k_le_experts(self) -> "RoutedExpertsConfig":
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         return self
+
+
+class ConnectorConfig(RoutedExpertsConfig):
+    kind: Literal["moe", "dense"] = "moe"
+    balance_coef: float = Field(default=0.1, ge=0)
+    z_coef: float = Field(default=0.01, ge=0)
 
 
 class HGAConfig(StrictModel):
@@ -79,21 +84,13 @@ class LLMConfig(StrictModel):
     tokenizer: str | None = Field(default=None, description="hub id or local dir; default: same as pretrained")
 
 
-class LLMExpertsConfig(StrictModel):
+class LLMExpertsConfig(RoutedExpertsConfig):
     """MoE-LLaVA-style experts inside the LLM: the FFN of each listed decoder layer becomes
     ``num_experts`` copies of itself (upcycled) routed top-k. Part of the architecture, so an
     exported model records it and loads back with the same layers; training jobs set it through
     ``moe_llm`` (which adds the auxiliary-loss weights)."""
 
     layers: list[int] = Field(min_length=1)
-    num_experts: int = Field(default=4, ge=1)
-    top_k: int = Field(default=2, ge=1)
-
-    @model_validator(mode="after")
-    def _top_k_fits(self) -> "LLMExpertsConfig":
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
-        return self
 
 
 class ModelConfig(StrictModel):
