@@ -132,12 +132,12 @@ class DatasetPaths:
         )
 
 
-#: The object kinds: every colour belongs to exactly one shape (each shape has two colours). A
-#: tiny model trained for a few CPU minutes on frozen *random* encoders picks colour up from its
-#: visual tokens but not the outline of a 10-pixel shape, so with a colour shared by several
-#: shapes its answers to "Is there a red circle?" stay at chance (measured: 50% POPE after
-#: 1,500 steps). With colour identifying the object, existence is learnable in the demo's budget;
-#: adversarial negatives still share the shape of a present object.
+#: The object kinds: every colour belongs to exactly one shape (each shape has two colours), so
+#: colour alone identifies an object: frozen *random* encoders carry colour in their features
+#: (a linear probe finds it) but hardly the outline of a 10-pixel shape. Adversarial negatives
+#: still share the shape of a present object. (This alone does not make existence learnable in
+#: the demo's budget: the from-scratch LLM does not learn the question-dependent look-up, see
+#: the README's "What the demo shows today".)
 ALL_OBJECT_NAMES: tuple[str, ...] = tuple(f"{c} {SHAPES[i % len(SHAPES)]}" for i, c in enumerate(COLOURS))
 
 
