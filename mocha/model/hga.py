@@ -207,7 +207,7 @@ def _chosen_edges(unit: Tensor, temperature: Tensor, layout: GroupLayout) -> tup
     normalisation's 1e-8 makes matter).
     """
     batch, _, dim = unit.shape
-    columns = unit.new_zeros(batch, layout.padded_tokens.numel(), dim).index_copy(1, layout.padded_columns, unit)
+    columns = unit.new_zeros(batch, layout.padded_tokens.numel(), dim).index_copy_(1, layout.padded_columns, unit)
     columns = columns.transpose(1, 2)  # [B, D, padded width]
     scores, neighbours = [], []
     groups = zip(layout.bounds, layout.padded_bounds, layout.intra_caps, layout.inter_caps)
@@ -248,18 +248,14 @@ class _BlockedRows:
         first, stop = blocks
         with torch.no_grad():
             if inside:
-                allowed, offset = self.maxima[:, first:stop], first
-            else:
-                allowed, offset = self.maxima.clone(), 0
-                allowed[:, first:stop] = float("-inf")
-            num_allowed = stop - first if inside else self.num_blocks - (stop - first)
-            chosen = allowed.topk(min(k, allowed.shape[1]), dim=-1, sorted=False).indices + offset  # [R, c]
-        num_rows, num_chosen = chosen.shape
-        flat_blocks = (torch.arange(num_rows, device=chosen.device) * self.num_blocks).unsqueeze(1) + chosen
+                allowed = self.maxima[:, first:stop]
+            else:  # the blocks before and after [first, stop), side by side
+                allowed = torch.cat((self.maxima[:, :first], self.maxima[:, stop:]), dim=1)
+            chosen = allowed.topk(min(k, allowed.shape[1]), dim=-1, sorted=False).indices  # [R, c]
+            chosen += first if inside else (chosen >= first) * (stop - first)  # back to block numbers
+            num_rows = chosen.shape[0]
+            flat_blocks = chosen + (torch.arange(num_rows, device=chosen.device) * self.num_blocks).unsqueeze(1)
         candidates = self.rows.view(-1, _BLOCK).index_select(0, flat_blocks.flatten()).view(num_rows, -1)
-        if num_chosen > num_allowed:  # too few allowed blocks: the others filled up the choice
-            outside = (chosen < first) | (chosen >= stop) if inside else (chosen >= first) & (chosen < stop)
-            candidates = candidates.masked_fill(outside.repeat_interleave(_BLOCK, dim=1), float("-inf"))
         values, position = _topk_by_strided_blocks(candidates, k)
         return values, chosen.gather(1, position // _BLOCK) * _BLOCK + position % _BLOCK
 
@@ -319,7 +315,7 @@ def _graph_chunk(x: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor]:
     x_agg = _aggregate(xf, neighbours, weight, layout)
 
     step = x_agg - xf
-    gate = torch.sigmoid(10.0 * (torch.linalg.vector_norm(step, ord=1, dim=-1, keepdim=True) / step.shape[-1] - 0.2))
+    gate = torch.sigmoid(10.0 * (step.abs().mean(dim=-1, keepdim=True) - 0.2))
     mixed = torch.addcmul(xf, step, gate)  # (1 - gate) * x + gate * x_agg
     out = F.layer_norm(mixed, mixed.shape[-1:])
     return out.to(x.dtype), gate.squeeze(-1).to(x.dtype)
