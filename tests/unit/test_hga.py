@@ -14,6 +14,7 @@ from mocha.model.hga import (
     GraphHGA,
     GroupLayout,
     NoHGA,
+    _chosen_edges,
     build_hga,
     group_ids_from_sizes,
     hga_graph,
@@ -91,7 +92,8 @@ def test_batched_graph_matches_per_image_loop(sizes, k, share):
     "sizes,k,share",
     [
         ([70, 5, 40, 33], 10, 0.7),  # several 32-column blocks per group; one group with fewer blocks than intra_k
-        ([70, 5], 10, 0.7),  # group 0's rows have fewer outside blocks than inter_k: own blocks fill up, masked
+        ([70, 5], 10, 0.7),  # group 0's rows have fewer outside blocks than inter_k: all of them are searched
+        ([40, 70, 50], 10, 0.7),  # a middle group's outside blocks lie on both sides of its own
         ([100], 12, 0.7),  # one large group: intra only, sub-blocks searched
     ],
 )
@@ -105,6 +107,38 @@ def test_batched_graph_matches_per_image_loop_on_multi_block_groups(sizes, k, sh
         ref_out, ref_gate = reference_hga_graph(x[b], group_ids.tolist(), k, share)
         torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(gate[b].double(), ref_gate, atol=1e-5, rtol=0)
+
+
+def test_chosen_edges_with_tied_similarities_are_distinct_and_the_top_k():
+    """Repeated tokens tie in similarity, also across block boundaries: every token still picks
+    distinct neighbours (none twice, never itself), intra ones inside its group and inter ones
+    outside, and their scores are exactly the k largest of a dense masked similarity row (the
+    multiset of values does not depend on how ties are broken; which tied token is picked does,
+    in the official code too)."""
+    torch.manual_seed(12)
+    sizes, k, share = [70, 45, 38], 10, 0.7
+    group_ids = group_ids_from_sizes(sizes)
+    distinct = torch.nn.functional.normalize(torch.randn(2, 9, 6), dim=-1)
+    unit = distinct[:, torch.randint(0, 9, (len(group_ids),))]  # every token repeated ~17 times
+    layout = GroupLayout.from_group_ids(group_ids, k, share)
+    scores, neighbours = _chosen_edges(unit, torch.ones(2), layout)
+    dense = unit @ unit.transpose(1, 2)
+    same_group = group_ids[:, None] == group_ids[None, :]
+    eye = torch.eye(len(group_ids), dtype=torch.bool)
+    for token in range(len(group_ids)):
+        start = int(layout.row_starts[token])
+        intra = layout.intra_caps[int(group_ids[token])]
+        inter = layout.inter_caps[int(group_ids[token])]
+        for kind, (first, count), allowed in (
+            ("intra", (start, intra), same_group[token] & ~eye[token]),
+            ("inter", (start + intra, inter), ~same_group[token]),
+        ):
+            picked = neighbours[:, first:first + count]
+            for b in range(2):
+                assert len(set(picked[b].tolist())) == count, (kind, token)
+                assert bool(allowed[picked[b]].all()), (kind, token)
+                expected = dense[b, token].masked_fill(~allowed, float("-inf")).topk(count).values
+                torch.testing.assert_close(scores[b, first:first + count].sort(descending=True).values, expected)
 
 
 def dense_hga_graph(x: torch.Tensor, group_ids: torch.Tensor, k: int, intra_share: float) -> torch.Tensor:
