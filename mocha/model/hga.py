@@ -76,6 +76,9 @@ def split_k(k: int, intra_share: float) -> tuple[int, int]:
 #: each group's columns are padded to a multiple of it.
 _BLOCK = 32
 _SUB_BLOCK = 8
+#: The similarity of every row with a padding column is its cosine with token 0 plus this, so
+#: below any cosine (>= -1): never chosen while a token is left, as the neighbour caps ensure.
+_PADDING_SCORE = -3.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ class GroupLayout:
     Similarity rows are computed against a padded column layout in which every group spans a
     multiple of ``_BLOCK`` columns (``padded_bounds``): token ``i`` is column
     ``padded_columns[i]``, column ``c`` is token ``padded_tokens[c]`` (0 for padding), and
-    ``padding`` lists the padding columns.
+    ``padding_score[c]`` is what column ``c`` adds to every similarity: 0 for a token,
+    ``_PADDING_SCORE`` for padding (see ``_chosen_edges``).
     """
 
     order: Tensor | None  #: [N] long
@@ -104,7 +108,7 @@ class GroupLayout:
     padded_bounds: tuple[tuple[int, int], ...]
     padded_columns: Tensor  #: [N] long
     padded_tokens: Tensor  #: [padded width] long
-    padding: Tensor  #: [padded width - N] long
+    padding_score: Tensor  #: [padded width] float32
 
     @classmethod
     def from_group_ids(cls, group_ids: Tensor, k: int, intra_share: float) -> GroupLayout:
@@ -130,7 +134,7 @@ class GroupLayout:
         padded_columns = torch.cat([torch.arange(size) + p for size, p in zip(sizes, padded_starts)])
         padded_tokens = torch.zeros(padded_width, dtype=torch.long)
         padded_tokens.index_copy_(0, padded_columns, torch.arange(num_tokens))
-        is_padding = torch.ones(padded_width, dtype=torch.bool).index_fill_(0, padded_columns, False)
+        padding_score = torch.full((padded_width,), _PADDING_SCORE).index_fill_(0, padded_columns, 0.0)
         return cls(
             order=None if bool((order == torch.arange(num_tokens)).all()) else order,
             bounds=tuple((st, st + size) for st, size in zip(starts, sizes)),
@@ -141,7 +145,7 @@ class GroupLayout:
             padded_bounds=tuple((p, p + span) for p, span in zip(padded_starts, spans)),
             padded_columns=padded_columns,
             padded_tokens=padded_tokens,
-            padding=torch.nonzero(is_padding).flatten(),
+            padding_score=padding_score,
         )
 
     @property
@@ -150,7 +154,7 @@ class GroupLayout:
 
     def to(self, device: torch.device | str) -> GroupLayout:
         """This layout with its tensors on ``device``."""
-        names = ("edge_rows", "row_starts", "padded_columns", "padded_tokens", "padding")
+        names = ("edge_rows", "row_starts", "padded_columns", "padded_tokens", "padding_score")
         moved = {name: getattr(self, name).to(device) for name in names}
         return replace(self, order=None if self.order is None else self.order.to(device), **moved)
 
@@ -200,26 +204,29 @@ def _chosen_edges(unit: Tensor, temperature: Tensor, layout: GroupLayout) -> tup
     """Every token's chosen neighbours, row by row: (scores [B, E], neighbour index [B, E]).
 
     One group's rows of the cosine similarity at a time (``[B, |g|, padded width]``, never
-    ``[B, N, N]``), with the row's own token and the padding set to ``-inf``: the group's own
-    blocks of columns give the intra neighbours, all other blocks the inter neighbours. The
-    temperature is positive, so it scales only the chosen cosines (the same rounding as scaling
-    all of them, and ``s_ij`` stays bitwise equal to ``s_ji``, which the min-max
-    normalisation's 1e-8 makes matter).
+    ``[B, N, N]``), with the row's own token set to ``-inf``: the group's own blocks of columns
+    give the intra neighbours, all other blocks the inter neighbours. The vectors get one more
+    coordinate, 1 on the rows and ``padding_score`` on the columns (0 for tokens), so the same
+    matmul puts the padding columns below every cosine (the added term is an exact zero for
+    token columns). The temperature is positive, so it scales only the chosen cosines (the same
+    rounding as scaling all of them, and ``s_ij`` stays bitwise equal to ``s_ji``, which the
+    min-max normalisation's 1e-8 makes matter).
     """
-    batch, _, dim = unit.shape
-    columns = unit.new_zeros(batch, layout.padded_tokens.numel(), dim).index_copy_(1, layout.padded_columns, unit)
-    columns = columns.transpose(1, 2)  # [B, D, padded width]
+    batch = unit.shape[0]
+    rows = F.pad(unit, (0, 1), value=1.0)  # [B, N, D + 1]
+    columns = rows.index_select(1, layout.padded_tokens)  # [B, padded width, D + 1]
+    columns[:, :, -1] = layout.padding_score
+    columns = columns.transpose(1, 2)
     scores, neighbours = [], []
     groups = zip(layout.bounds, layout.padded_bounds, layout.intra_caps, layout.inter_caps)
     for (start, end), (padded_start, padded_end), intra, inter in groups:
         if intra + inter == 0:
             continue
-        sim = torch.bmm(unit[:, start:end], columns)  # [B, |g|, padded width]
-        sim.index_fill_(-1, layout.padding, float("-inf"))
+        sim = torch.bmm(rows[:, start:end], columns)  # [B, |g|, padded width]
         sim[:, :, padded_start:padded_end].diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-        rows = _BlockedRows(sim.flatten(0, 1))
+        blocked = _BlockedRows(sim.flatten(0, 1))
         own = (padded_start // _BLOCK, padded_end // _BLOCK)
-        picked = [rows.topk(cap, own, inside=inside) for cap, inside in ((intra, True), (inter, False)) if cap]
+        picked = [blocked.topk(cap, own, inside=inside) for cap, inside in ((intra, True), (inter, False)) if cap]
         scores.append(torch.cat([values for values, _ in picked], dim=-1).view(batch, -1) * temperature[:, None])
         index = torch.cat([index for _, index in picked], dim=-1).view(batch, -1)
         neighbours.append(layout.padded_tokens[index])
@@ -230,22 +237,27 @@ class _BlockedRows:
     """Exact top-k of rows [R, L] (``L`` a multiple of ``_BLOCK``) over a range of column blocks.
 
     ``torch.topk`` copies and partially sorts every row, a cost per element and per row. Here
-    one vectorised pass takes the maximum of every block of ``_BLOCK`` columns; the ``k`` largest
-    values of a row lie in its ``k`` blocks with the largest maxima, so only those are copied
-    out, cut into ``_SUB_BLOCK`` strided sub-blocks and narrowed the same way before a
-    ``torch.topk`` over at most ``k * _SUB_BLOCK`` candidates. Values stay differentiable (they
-    are gathered from the rows); ties between equal values may pick either.
+    one vectorised pass (``max_pool1d``) takes the maximum of every sub-block of ``_SUB_BLOCK``
+    columns, and those give the maximum of every block of ``_BLOCK`` columns. The ``k`` largest
+    values of a row lie in its ``k`` blocks with the largest maxima, and within those in the
+    ``k`` sub-blocks with the largest maxima, so only those ``k * _SUB_BLOCK`` values are copied
+    out for a ``torch.topk``. (Ties: the chosen (sub-)blocks always hold every value above the
+    k-th largest and enough equal to it.) Values stay differentiable (they are gathered from the
+    rows); ties between equal values may pick either.
     """
 
     def __init__(self, rows: Tensor) -> None:
         self.rows = rows
-        self.num_blocks = rows.shape[1] // _BLOCK
+        num_rows, width = rows.shape
+        self.num_sub_blocks = width // _SUB_BLOCK
         with torch.no_grad():
-            self.maxima = rows.view(rows.shape[0], self.num_blocks, _BLOCK).amax(dim=-1)  # [R, blocks]
+            self.sub_maxima = F.max_pool1d(rows.unsqueeze(1), _SUB_BLOCK).view(num_rows, -1)  # [R, L / sub-block]
+            self.maxima = self.sub_maxima.view(num_rows, width // _BLOCK, -1).amax(dim=-1)  # [R, L / block]
 
     def topk(self, k: int, blocks: tuple[int, int], inside: bool) -> tuple[Tensor, Tensor]:
         """(values [R, k], column [R, k]) of the k largest in blocks ``[first, stop)`` (or outside them)."""
         first, stop = blocks
+        subs_per_block = _BLOCK // _SUB_BLOCK
         with torch.no_grad():
             if inside:
                 allowed = self.maxima[:, first:stop]
@@ -253,27 +265,16 @@ class _BlockedRows:
                 allowed = torch.cat((self.maxima[:, :first], self.maxima[:, stop:]), dim=1)
             chosen = allowed.topk(min(k, allowed.shape[1]), dim=-1, sorted=False).indices  # [R, c]
             chosen += first if inside else (chosen >= first) * (stop - first)  # back to block numbers
-            num_rows = chosen.shape[0]
-            flat_blocks = chosen + (torch.arange(num_rows, device=chosen.device) * self.num_blocks).unsqueeze(1)
-        candidates = self.rows.view(-1, _BLOCK).index_select(0, flat_blocks.flatten()).view(num_rows, -1)
-        values, position = _topk_by_strided_blocks(candidates, k)
-        return values, chosen.gather(1, position // _BLOCK) * _BLOCK + position % _BLOCK
-
-
-def _topk_by_strided_blocks(candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(values, position) of the k largest of each row of candidates [R, C]: ``C / _SUB_BLOCK``
-    sub-blocks of ``_SUB_BLOCK`` columns with stride ``C / _SUB_BLOCK`` (so that their maxima are
-    one vectorised reduction), the k with the largest maxima, then ``torch.topk``."""
-    num_rows, width = candidates.shape
-    stride = width // _SUB_BLOCK
-    if width <= k * _SUB_BLOCK:
-        return candidates.topk(k, dim=-1, sorted=False)
-    with torch.no_grad():
-        maxima = candidates.view(num_rows, _SUB_BLOCK, stride).amax(dim=1)  # [R, stride]
-        chosen = maxima.topk(k, dim=-1, sorted=False).indices  # [R, k]
-    positions = (chosen.unsqueeze(-1) + torch.arange(_SUB_BLOCK, device=chosen.device) * stride).flatten(1)
-    values, which = candidates.gather(1, positions).topk(k, dim=-1, sorted=False)
-    return values, positions.gather(1, which)
+            subs = (chosen.unsqueeze(-1) * subs_per_block + torch.arange(subs_per_block, device=chosen.device))
+            subs = subs.flatten(1)  # [R, c * subs_per_block]: the chosen blocks' sub-blocks
+            if subs.shape[1] > k:
+                best = self.sub_maxima.gather(1, subs).topk(k, dim=-1, sorted=False).indices
+                subs = subs.gather(1, best)  # [R, k]
+            num_rows = subs.shape[0]
+            flat_subs = subs + (torch.arange(num_rows, device=subs.device) * self.num_sub_blocks).unsqueeze(1)
+        candidates = self.rows.view(-1, _SUB_BLOCK).index_select(0, flat_subs.flatten()).view(num_rows, -1)
+        values, position = candidates.topk(k, dim=-1, sorted=False)
+        return values, subs.gather(1, position // _SUB_BLOCK) * _SUB_BLOCK + position % _SUB_BLOCK
 
 
 def _aggregate(xf: Tensor, neighbours: Tensor, weight: Tensor, layout: GroupLayout) -> Tensor:
