@@ -316,9 +316,8 @@ def _graph_chunk(x: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor]:
     weight = (scores - low) / (high - low + _EPS)  # min-max over all chosen edges of each image
     x_agg = _aggregate(xf, neighbours, weight, layout)
 
-    step = x_agg - xf
-    gate = torch.sigmoid(10.0 * (step.abs().mean(dim=-1, keepdim=True) - 0.2))
-    mixed = torch.addcmul(xf, step, gate)  # (1 - gate) * x + gate * x_agg
+    gate = torch.sigmoid(10.0 * ((x_agg - xf).abs_().mean(dim=-1, keepdim=True) - 0.2))
+    mixed = torch.lerp(xf, x_agg, gate)  # (1 - gate) * x + gate * x_agg
     out = F.layer_norm(mixed, mixed.shape[-1:])
     return out.to(x.dtype), gate.squeeze(-1).to(x.dtype)
 
