@@ -105,11 +105,11 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 def plan_dispatch(routing: RouterOutput, num_experts: int) -> DispatchPlan:
     """Group the (token, slot) pairs of ``routing`` by expert."""
-    num_tokens, top_k = routing.topk_index.shape
+    top_k = routing.topk_index.shape[1]
     flat_expert = routing.topk_index.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    token_index = torch.arange(num_tokens, device=flat_expert.device).repeat_interleave(top_k)[order]
-    weight = routing.topk_weight.reshape(-1)[order]
+    order = torch.argsort(flat_expert, stable=True)  # pair t * top_k + slot, grouped by expert
+    token_index = torch.div(order, top_k, rounding_mode="floor")
+    weight = routing.topk_weight.reshape(-1).index_select(0, order)
     counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
     return DispatchPlan(token_index, weight, counts)
 
