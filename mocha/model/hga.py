@@ -241,9 +241,9 @@ class _BlockedRows:
     columns, and those give the maximum of every block of ``_BLOCK`` columns. The ``k`` largest
     values of a row lie in its ``k`` blocks with the largest maxima, and within those in the
     ``k`` sub-blocks with the largest maxima, so only those ``k * _SUB_BLOCK`` values are copied
-    out for a ``torch.topk``. (Ties: the chosen (sub-)blocks always hold every value above the
-    k-th largest and enough equal to it.) Values stay differentiable (they are gathered from the
-    rows); ties between equal values may pick either.
+    out for a ``torch.topk``. With ties the chosen (sub-)blocks still hold every value above the
+    k-th largest and enough equal to it, so the k values are exact; which of equal values is
+    picked may differ. Values stay differentiable (they are gathered from the rows).
     """
 
     def __init__(self, rows: Tensor) -> None:
