@@ -192,14 +192,15 @@ def draw_scene(objects: Iterable[SceneObject], image_size: int) -> Image.Image:
 # ----------------------------------------------------------------------------- text
 
 
-def _join(names: Sequence[str]) -> str:
+def join_objects(names: Sequence[str]) -> str:
+    """"a red circle", "a red circle and a blue square", "a red circle, a blue square and ..."."""
     phrases = [f"a {n}" for n in names]
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """Objects from left to right, e.g. "A red circle and a blue square."."""
-    listed = _join([o.name for o in sorted(scene.objects, key=lambda o: o.centre_x)])
+    listed = join_objects([o.name for o in sorted(scene.objects, key=lambda o: o.centre_x)])
     pattern = ("{}.", "An image with {}.", "There is {} in the image.")[int(rng.integers(3))]
     text = pattern.format(listed)
     return text[0].upper() + text[1:]
