@@ -74,7 +74,8 @@ def _prepare(root: Path, s: TrainSize):
     from pipelines.features import FeatureJobConfig, build_features
     from pipelines.shard import ShardJobConfig, build_shards
 
-    cfg = DemoConfig(out=str(root), num_train=s.num_train, num_eval=8, stage1_steps=s.steps, stage2_steps=s.steps,
+    cfg = DemoConfig(out=str(root), num_train=s.num_train, num_eval=8, llm_pretrain_steps=0, stage1_steps=s.steps,
+                     stage2_steps=s.steps,
                      global_batch_size=s.global_batch_size, width=s.width, samples_per_shard=s.samples_per_shard)
     paths = generate_shapes_dataset(root / "data" / "raw", num_train=s.num_train, num_eval=8)
     train_bpe_tokenizer(iter_all_texts(paths, templates=("plain", "phi")), root / "tokenizer", vocab_size=1024,

@@ -1,4 +1,4 @@
-"""Demo evaluation: POPE + MME on the held-out split, for the untrained and the trained model."""
+"""Demo evaluation: POPE + MME on the held-out split, for the model before and after MoCHA training."""
 
 from __future__ import annotations
 

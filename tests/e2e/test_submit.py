@@ -79,7 +79,7 @@ def project(head, tmp_path_factory):
                    "--output", str(root / "data" / "stage1" / "shards"), "--samples-per-shard", "8",
                    "--ray-address", head["gcs"]], head, root)
     assert shards.returncode == 0, shards.stdout[-2000:] + shards.stderr[-2000:]
-    job = demo_job(DemoConfig(out=str(root), stage1_steps=2, global_batch_size=4, width=32), 1, root)
+    job = demo_job(DemoConfig(out=str(root), llm_pretrain_steps=0, stage1_steps=2, global_batch_size=4, width=32), 1, root)
     data = job.model_dump(mode="json")
     data["data"]["features"] = None
     data["checkpoint"]["every_steps"] = 2

@@ -36,7 +36,7 @@ def workspace(ray_cluster, tmp_path_factory):
         build_shards(ShardJobConfig(input=str(source), images=str(paths.image_dir),
                                     output=str(root / "data" / f"stage{stage}" / "shards"), samples_per_shard=16),
                      progress=False)
-    cfg = DemoConfig(out=str(root), stage1_steps=STEPS, stage2_steps=STEPS, global_batch_size=8, width=64)
+    cfg = DemoConfig(out=str(root), llm_pretrain_steps=0, stage1_steps=STEPS, stage2_steps=STEPS, global_batch_size=8, width=64)
     return root, cfg
 
 
