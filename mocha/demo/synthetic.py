@@ -315,11 +315,11 @@ def mme_questions(scenes: Sequence[Scene], rng: np.random.Generator) -> dict[str
         by_x = sorted(scene.objects, key=lambda o: o.centre_x)
         left, right = by_x[0], by_x[-1]
         if len(by_x) > 1 and left.box[2] < right.box[0]:  # strictly separated horizontally
-            pair(
-                "position",
-                f"Is the {left.name} on the left of the {right.name}?",
-                f"Is the {left.name} on the right of the {right.name}?",
-            )
+            # either object can be the subject, so the side word alone does not give the answer
+            subject, other, side, wrong = ((left, right, "left", "right") if rng.random() < 0.5
+                                           else (right, left, "right", "left"))
+            pair("position", f"Is the {subject.name} on the {side} of the {other.name}?",
+                 f"Is the {subject.name} on the {wrong} of the {other.name}?")
     return subtasks
 
 

@@ -192,6 +192,8 @@ def test_mme_pairs_one_yes_one_no_per_image_and_are_correct(dataset):
                 assert a_left_of_b or box[b][2] < box[a][0]  # only clearly separated pairs are asked
                 truth = a_left_of_b == (side == "left")
             assert answer == ("Yes" if truth else "No"), (subtask, image, question)
+        if subtask == "position":  # the side word alone must not give the answer
+            assert {re.search(r"on the (left|right)", yes[1])[1] for yes, _ in pairs} == {"left", "right"}
 
 
 @pytest.mark.parametrize("family,template", [("phi", "phi"), ("llama", "vicuna_v1")])
