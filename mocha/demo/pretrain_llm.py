@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +47,10 @@ from mocha.config import LLMConfig, StrictModel
 from mocha.demo.synthetic import (ALL_OBJECT_NAMES, Scene, caption, existence_question, instruction_turns,
                                   join_objects, sample_scene)
 from mocha.model.llm import build_llm
+from mocha.model.mocha import causal_lm_loss
 from mocha.text.conversation import IMAGE_TOKEN, tokenize_conversation
 from mocha.train.data import IGNORE_INDEX, Example, collate
+from mocha.train.engine import warmup_cosine_schedule
 
 #: Written next to the weights; a directory whose record matches the request is reused.
 RECORD_NAME = "pretrain.json"
@@ -120,12 +121,9 @@ class TextExamples:
         return out
 
 
-def lr_at(step: int, cfg: LLMPretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: LLMPretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The training jobs' schedule: linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    return warmup_cosine_schedule(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)(optimizer)
 
 
 @torch.no_grad()
@@ -178,20 +176,19 @@ def pretrain_llm(llm: LLMConfig, tokenizer: PreTrainedTokenizerBase, tokenizer_d
     accuracy_before = yes_no_accuracy(model, tokenizer, held_out)
     stream = iter(TextExamples(tokenizer, cfg, seed=cfg.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    from mocha.model.mocha import causal_lm_loss
+    schedule = lr_schedule(optimizer, cfg)
 
     start = time.perf_counter()
     losses: list[float] = []
     progress = tqdm(range(cfg.steps), desc="pre-training the tiny LLM on text", unit="step")
     for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
         batch = collate([next(stream) for _ in range(cfg.batch_size)], tokenizer.pad_token_id)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = causal_lm_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if step % 25 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")

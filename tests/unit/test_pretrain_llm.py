@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mocha.config import LLMConfig
-from mocha.demo.pretrain_llm import (RECORD_NAME, LLMPretrainConfig, TextExamples, describe, lr_at, pretrain_llm,
+from mocha.demo.pretrain_llm import (RECORD_NAME, LLMPretrainConfig, TextExamples, describe, lr_schedule, pretrain_llm,
                                      yes_no_accuracy)
 from mocha.demo.synthetic import ALL_OBJECT_NAMES, Scene, SceneObject, generate_shapes_dataset, iter_all_texts
 from mocha.model.llm import build_llm
@@ -90,11 +90,18 @@ def test_existence_questions_are_balanced_and_answered_by_the_description(tokeni
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = LLMPretrainConfig(steps=100, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(1e-3)
-    assert lr_at(9, cfg) == pytest.approx(1e-2)
-    assert lr_at(10, cfg) == pytest.approx(1e-2)
-    assert lr_at(55, cfg) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
-    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = lr_schedule(optimizer, cfg)
+    lrs = []
+    for _ in range(101):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-3)
+    assert lrs[9] == pytest.approx(1e-2)
+    assert lrs[10] == pytest.approx(1e-2)
+    assert lrs[55] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+    assert lrs[100] == pytest.approx(1e-3)
 
 
 class NextTokenOracle(torch.nn.Module):
