@@ -14,14 +14,14 @@ import sys
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mocha.demo.cli", "run the whole pipeline end to end on the embedded default (CPU, offline)"),
-    "smoke": ("mocha.smoke", "build a tiny random MoCHA model and run one forward/backward/generate"),
+    "smoke": ("mocha.demo.smoke", "build a tiny random MoCHA model and run one forward/backward/generate"),
     "data": ("pipelines.cli", "build datasets on Ray Data: `data shard` (LLaVA JSON -> WebDataset shards), `data features`"),
     "train": ("mocha.train.cli", "train stage 1 or 2 from a job YAML (Ray Train + DeepSpeed)"),
-    "plan": ("mocha.sizing", "parameters, memory per GPU and training time of a job YAML at real size"),
+    "plan": ("mocha.plan.cli", "parameters, memory per GPU and training time of a job YAML at real size"),
     "submit": ("mocha.train.submit", "submit a job YAML to a running Ray cluster (Ray Job SDK) and follow it"),
     "eval": ("mocha.eval.cli", "answer POPE / MME questions with a saved model, write answers and scores"),
     "generate": ("mocha.eval.generate", "answer one prompt about one image with a saved model"),
-    "export": ("mocha.export_cli", "write a run's export or checkpoint in save_pretrained form (config + weights + tokenizer)"),
+    "export": ("mocha.export.cli", "write a run's export or checkpoint in save_pretrained form (config + weights + tokenizer)"),
     "bench": ("benchmarks.cli", "ratio benchmarks (ours vs baseline, same process); writes benchmarks/RESULTS.md"),
 }
 

@@ -1,7 +1,7 @@
 """Configuration schemas: one source of truth for the model, data, training and job specs.
 
 Every config is a strict pydantic model: unknown keys and wrong types are rejected up front,
-with the offending field named in the error (``mocha.config.load_job`` turns pydantic's error
+with the offending field named in the error (``mocha.config.parse_model`` turns pydantic's error
 into a one-line-per-field message).
 """
 
@@ -86,11 +86,13 @@ class LLMConfig(StrictModel):
 
 class LLMExpertsConfig(RoutedExpertsConfig):
     """MoE-LLaVA-style experts inside the LLM: the FFN of each listed decoder layer becomes
-    ``num_experts`` copies of itself (upcycled) routed top-k. Part of the architecture, so an
-    exported model records it and loads back with the same layers; training jobs set it through
-    ``moe_llm`` (which adds the auxiliary-loss weights)."""
+    ``num_experts`` copies of itself (upcycled) routed top-k, trained with the router's balance
+    and z losses weighted by ``balance_coef`` / ``z_coef``. Part of the architecture
+    (``model.llm_experts``), so an exported model records it and loads back with the same layers."""
 
-    layers: list[int] = Field(min_length=1)
+    layers: list[int] = Field(min_length=1, description="decoder layers whose FFN becomes experts")
+    balance_coef: float = Field(default=0.01, ge=0, description="weight of the load-balancing loss")
+    z_coef: float = Field(default=0.001, ge=0, description="weight of the router z-loss")
 
 
 class ModelConfig(StrictModel):
@@ -101,7 +103,7 @@ class ModelConfig(StrictModel):
     hga: HGAConfig = Field(default_factory=HGAConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     llm_experts: LLMExpertsConfig | None = Field(
-        default=None, description="MoE layers inside the LLM (None: dense LLM); jobs set this through moe_llm")
+        default=None, description="MoE-LLaVA-style MoE layers inside the LLM (None: dense LLM)")
     template: Literal["plain", "vicuna_v1", "phi"] = "phi"
     max_length: int = Field(default=2048, gt=0)
 

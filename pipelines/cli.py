@@ -99,7 +99,7 @@ def load_model_config(path: str):
 
 def _run_shard(args: argparse.Namespace) -> int:
     from mocha.config import parse_model
-    from pipelines import storage
+    from mocha.io import storage
     from pipelines.ray_runtime import ensure_ray
     from pipelines.shard import ShardJobConfig, build_shards
 

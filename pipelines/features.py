@@ -41,8 +41,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from mocha.config import EncoderConfig, ModelConfig, StrictModel
-from pipelines import storage
-from pipelines.shard import MANIFEST_NAME, load_manifest
+from mocha.io import storage
+from mocha.io.layout import MANIFEST_NAME
+from pipelines.shard import load_manifest
 from pipelines.tar_shards import (ShardInfo, completed_shard, iter_tar_samples, remove_stale_shards, write_marker,
                                   write_tar_shard)
 from pipelines.validation import IMAGE_EXTENSIONS

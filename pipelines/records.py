@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from pipelines import storage
+from mocha.io import storage
 from pipelines.validation import Reason, Rejection
 
 _READ_SIZE = 1 << 20

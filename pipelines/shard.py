@@ -36,14 +36,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from mocha.config import StrictModel
-from pipelines import storage
+from mocha.io import storage
 from pipelines.records import InputReader
 from pipelines.tar_shards import (ShardInfo, completed_shard, remove_stale_shards, shard_name, write_marker,
                                   write_tar_shard)
 from pipelines.validation import DEFAULT_MAX_PIXELS, Reason, Rejection, check_record, inspect_image, sample_key
+from mocha.io.layout import MANIFEST_NAME, QUARANTINE_NAME
 
-MANIFEST_NAME = "manifest.json"
-QUARANTINE_NAME = "quarantine.jsonl"
 MANIFEST_FORMAT = "mocha-webdataset-shards/1"
 
 

@@ -2,7 +2,7 @@
 
 Every member header is fixed (mtime 0, uid/gid 0, no owner names, mode 0644, USTAR), so the
 same members in the same order give the same bytes on every run and machine. A shard is
-written through :func:`pipelines.storage.atomic_writer` (never visible half-written) while its
+written through :func:`mocha.io.storage.atomic_writer` (never visible half-written) while its
 SHA-256 is computed, and then a small done-marker ``_progress/<shard>.json`` records its
 count, size, digest and the digest of the *plan* it was built from. A rerun skips a shard only
 when the marker's plan digest matches the new plan and the file on storage still has the
@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
 
-from pipelines import storage
+from mocha.io import storage
+from mocha.io.layout import PROGRESS_DIR
 
-PROGRESS_DIR = "_progress"
 _HASH_CHUNK = 8 << 20
 
 

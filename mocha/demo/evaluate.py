@@ -23,7 +23,7 @@ def _answerer(model, tokenizer):
 def load_or_build(export_dir: str | None, model_config=None, tokenizer_dir=None, seed: int = 0):
     """The trained export, or (``export_dir=None``) the same architecture freshly initialised
     exactly as training initialises it (same seed): the before-training baseline."""
-    from mocha.eval.pretrained import load_pretrained
+    from mocha.export.pretrained import load_pretrained
 
     if export_dir is not None:
         return load_pretrained(export_dir)

@@ -73,7 +73,7 @@ class VisualQuestionAnswerer:
     @classmethod
     def from_pretrained(cls, directory: str | Path, options: AnswerOptions = AnswerOptions(),
                         device: str = "cpu") -> "VisualQuestionAnswerer":
-        from mocha.eval.pretrained import load_pretrained
+        from mocha.export.pretrained import load_pretrained
 
         model, tokenizer = load_pretrained(directory, device=device)
         return cls(model, tokenizer, options)

@@ -29,10 +29,8 @@ from mocha.model.encoders import build_encoder
 from mocha.model.hga import build_hga
 from mocha.model.llm import build_llm, llm_hidden_size
 from mocha.text.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mocha.io.layout import EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME, TRAINABLE_NAME
 
-CONFIG_NAME = "mocha_config.json"
-WEIGHTS_NAME = "model.safetensors"
-TRAINABLE_NAME = "trainable.safetensors"
 
 #: Parameter-name prefixes of the model's parts (used for freezing, hand-off and export).
 PARTS = ("encoders", "connectors", "hga", "llm")
@@ -265,12 +263,12 @@ class MochaModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.self_contained_config().model_dump(), indent=2))
+        (directory / EXPORT_CONFIG_NAME).write_text(json.dumps(self.self_contained_config().model_dump(), indent=2))
         state = self.state_dict() if state_dict is None else state_dict
         if parts is not None:
             parts = tuple(parts)
             state = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
-        name = TRAINABLE_NAME if parts is not None else WEIGHTS_NAME
+        name = TRAINABLE_NAME if parts is not None else EXPORT_WEIGHTS_NAME
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in state.items()}, str(directory / name),
                   metadata={"format": "pt", "parts": ",".join(parts or PARTS)})
         return directory
@@ -291,11 +289,11 @@ class MochaModel(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        cfg_path = directory / CONFIG_NAME
+        cfg_path = directory / EXPORT_CONFIG_NAME
         if not cfg_path.exists():
-            raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: not a saved MoCHA model")
+            raise FileNotFoundError(f"{directory} holds no {EXPORT_CONFIG_NAME}: not a saved MoCHA model")
         config = ModelConfig.model_validate_json(cfg_path.read_text())
-        state = load_file(str(directory / WEIGHTS_NAME))
+        state = load_file(str(directory / EXPORT_WEIGHTS_NAME))
         key = _embedding_key(state)
         vocab = state["llm." + key].shape[0] if key else None
         model = cls(config, vocab_size=vocab, with_encoders=with_encoders)
@@ -305,7 +303,7 @@ class MochaModel(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if saved_encoders or not k.startswith("encoders.")]
         if missing or unexpected:
-            raise KeyError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:8]}, "
+            raise KeyError(f"{directory / EXPORT_WEIGHTS_NAME} does not match its config: missing {missing[:8]}, "
                            f"unexpected {unexpected[:8]}")
         return model
 

@@ -19,7 +19,7 @@ Full tensors are assembled and re-partitioned with DeepSpeed's supported accesso
 (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` and their
 ``safe_set_*`` twins) -- they reduce over each parameter's own data-parallel group, which for
 experts is the expert-data-parallel group -- and experts are gathered from / scattered to their
-expert-parallel group by ``mocha.model.expert_parallel``. Supported: ZeRO stages 0, 1 and 2 in
+expert-parallel group by ``mocha.parallel.expert``. Supported: ZeRO stages 0, 1 and 2 in
 fp32 or bf16 (ZeRO-3 partitions parameters themselves and is refused with a clear error).
 
 RNG states are restored only when the world size matches (there is no faithful mapping of N
@@ -44,14 +44,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from mocha.model.expert_parallel import all_global_names, global_expert_state_dict, global_parameter_names
+from mocha.parallel.expert import all_global_names, global_expert_state_dict, global_parameter_names
+from mocha.io.layout import CHECKPOINT_OPTIMIZER_NAME, CHECKPOINT_RNG_NAME, CHECKPOINT_STATE_NAME, CHECKPOINT_WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -267,13 +264,13 @@ def save_checkpoint(engine, model: nn.Module, directory: str | Path, extra_state
     if dist.get_rank() == 0:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / STATE_FILE).unlink(missing_ok=True)  # a stale state.json must not mark partial files complete
-        save_file(weights, str(directory / MODEL_FILE))
+        (directory / CHECKPOINT_STATE_NAME).unlink(missing_ok=True)  # a stale state.json must not mark partial files complete
+        save_file(weights, str(directory / CHECKPOINT_WEIGHTS_NAME))
         if moments:
-            save_file(moments, str(directory / OPTIMIZER_FILE))
+            save_file(moments, str(directory / CHECKPOINT_OPTIMIZER_NAME))
         save_file({f"{kind}/rank{r}": torch.frombuffer(bytearray(b), dtype=torch.uint8)
                    for kind, per_rank in gathered_rng.items() for r, b in enumerate(per_rank)},
-                  str(directory / RNG_FILE))
+                  str(directory / CHECKPOINT_RNG_NAME))
         state = {
             "format_version": FORMAT_VERSION,
             "world_size": dist.get_world_size(),
@@ -285,17 +282,17 @@ def save_checkpoint(engine, model: nn.Module, directory: str | Path, extra_state
             "rng": gathered_states,
             "extra_state": extra_json,
         }
-        tmp = directory / (STATE_FILE + ".tmp")
+        tmp = directory / (CHECKPOINT_STATE_NAME + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(directory / STATE_FILE)
+        tmp.replace(directory / CHECKPOINT_STATE_NAME)
     dist.barrier()
 
 
 def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
     """``state.json`` of a complete checkpoint; clear errors for a missing or foreign one."""
-    path = Path(directory) / STATE_FILE
+    path = Path(directory) / CHECKPOINT_STATE_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no {STATE_FILE}; not a (complete) mocha checkpoint")
+        raise FileNotFoundError(f"{path}: no {CHECKPOINT_STATE_NAME}; not a (complete) mocha checkpoint")
     state = json.loads(path.read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {state.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -311,17 +308,17 @@ def load_checkpoint(engine, model: nn.Module, directory: str | Path) -> dict[str
     _check_supported(engine)
     directory = Path(directory)
     state = read_checkpoint_state(directory)
-    weights = load_file(str(directory / MODEL_FILE))
+    weights = load_file(str(directory / CHECKPOINT_WEIGHTS_NAME))
     trainable = _trainable(model)
     names = [name for name, _ in trainable]
     expected = all_global_names(model, names)
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
-        raise KeyError(f"{directory / MODEL_FILE} does not match the model's trainable parameters: "
+        raise KeyError(f"{directory / CHECKPOINT_WEIGHTS_NAME} does not match the model's trainable parameters: "
                        f"missing {missing}, unexpected {unexpected}")
     global_name = global_parameter_names(model, names)
     step = int(state["optimizer"]["step"])
-    moments = load_file(str(directory / OPTIMIZER_FILE)) if step > 0 else {}
+    moments = load_file(str(directory / CHECKPOINT_OPTIMIZER_NAME)) if step > 0 else {}
 
     if step > 0:
         _init_optimizer_state(engine, step)
@@ -337,7 +334,7 @@ def load_checkpoint(engine, model: nn.Module, directory: str | Path) -> dict[str
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if state["world_size"] == world:
-        _restore_local_rng_state(load_file(str(directory / RNG_FILE)), state["rng"][rank], rank)
+        _restore_local_rng_state(load_file(str(directory / CHECKPOINT_RNG_NAME)), state["rng"][rank], rank)
     elif rank == 0:
         log.warning("checkpoint written by %d ranks, resuming on %d: RNG states not restored",
                     state["world_size"], world)

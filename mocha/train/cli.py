@@ -5,7 +5,7 @@ else starts a local Ray. The job file is validated before any worker starts. Rer
 same job (same run.name and run.storage_path) resumes from its latest checkpoint.
 
 examples:
-  mocha train jobs/local/stage1.yaml
+  mocha train runs/demo/jobs/stage1.yaml --set schedule.max_steps=50   # a job `mocha demo` wrote
   mocha train jobs/stage2.yaml --set scaling.num_workers=16 --set schedule.max_steps=100
   ray job submit --working-dir . -- mocha train jobs/stage2.yaml
 """
@@ -16,7 +16,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", help="job YAML (jobs/stage1.yaml, jobs/stage2.yaml, jobs/local/*.yaml)")
+    parser.add_argument("job", help="job YAML (jobs/stage1.yaml, jobs/stage2.yaml, or runs/demo/jobs/*.yaml written by `mocha demo`)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field by dotted path, value parsed as YAML (repeatable)")
     parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT",

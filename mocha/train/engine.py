@@ -12,10 +12,9 @@ What ``initialize_engine`` does, in order:
 1. ``init_distributed()``: hands the existing process group to ``deepspeed.comm`` (never creates
    one; on CPU it first switches off DeepSpeed's shared-memory comm op, whose JIT build costs
    ~90 s of g++ per fresh machine).
-2. validates the parallel layout -- ``ep_size`` divides the world size and every MoE layer's
-   expert count; ZeRO stage 3 with ``ep_size > 1`` is rejected up front (DeepSpeed refuses its
-   native MoE under ZeRO-3, deep inside ``deepspeed.initialize``). With ``ep_size == 1`` the
-   MoE layers stay ordinary replicated modules, which every ZeRO stage (3 included) handles.
+2. validates the parallel layout (``mocha.parallel.layout.check_layout``, the rules the job spec
+   also checks): ``ep_size`` divides the world size and every MoE layer's expert count; ZeRO
+   stage 3 only with ``ep_size == 1`` (the MoE layers then stay ordinary replicated modules).
 3. ``apply_expert_parallel(model, ep_size)`` when ``ep_size > 1``.
 4. optimizer param groups over the *trainable* parameters only: decay / no-decay (biases and
    1-D weights), each split by ``split_params_into_different_moe_groups_for_optimizer`` so that
@@ -44,8 +43,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from mocha.model.connector import MoEConnector
-from mocha.model.expert_parallel import ExpertParallelMoE, apply_expert_parallel
+from mocha.parallel.expert import ExpertParallelMoE, apply_expert_parallel
 from mocha.model.moe_llm import MoEFeedForward
+from mocha.parallel.layout import check_layout
 
 Precision = Literal["fp32", "bf16", "fp16"]
 SchedulerFn = Callable[[Optimizer], Any]
@@ -151,15 +151,10 @@ def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def check_parallel_layout(model: nn.Module, zero_stage: int, ep_size: int, world_size: int) -> None:
-    """Reject layouts DeepSpeed would refuse later (or silently mis-handle), naming the field."""
-    if ep_size < 1 or world_size % ep_size:
-        raise ValueError(f"ep_size ({ep_size}) must divide the number of workers ({world_size})")
-    if ep_size > 1 and zero_stage == 3:
-        raise ValueError("DeepSpeed rejects MoE with ZeRO stage 3 (expert parallelism needs its native MoE layers): "
-                         f"use zero_stage 1 or 2 with ep_size={ep_size}, or ep_size 1 with ZeRO-3")
-    for name, layer in moe_layers(model).items():
-        if layer.num_experts % ep_size:
-            raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({layer.num_experts}) of MoE layer {name!r}")
+    """Reject layouts DeepSpeed would refuse later (or silently mis-handle), naming the field
+    (``mocha.parallel.layout``: the same rules the job spec checks up front)."""
+    counts = {f"MoE layer {name!r}": layer.num_experts for name, layer in moe_layers(model).items()}
+    check_layout(world_size, zero_stage, ep_size, counts, ep_field="ep_size")
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

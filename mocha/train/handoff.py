@@ -10,9 +10,9 @@ import torch
 
 from mocha.config import ConfigError
 from mocha.train.job import JobConfig
+from mocha.io.layout import EXPORT_DIR, TRAINABLE_NAME
 
 HANDOFF_PARTS = ("connectors", "hga")
-EXPORT_DIR = "export"
 
 
 def load_trainable(model, url: str) -> None:
@@ -20,8 +20,7 @@ def load_trainable(model, url: str) -> None:
     Every connector must be present (the official scripts silently skip DINOv2's)."""
     from safetensors.torch import load
 
-    from mocha.model.mocha import TRAINABLE_NAME
-    from pipelines import storage
+    from mocha.io import storage
 
     blob = storage.read_bytes(storage.join_url(url, TRAINABLE_NAME))
     state = load(blob)
@@ -37,7 +36,7 @@ def consolidated_state_dict(model) -> dict[str, torch.Tensor]:
     (Under ZeRO-1/2 every rank holds full copies of the non-expert parameters.)"""
     import torch.distributed as dist
 
-    from mocha.model.expert_parallel import global_expert_state_dict
+    from mocha.parallel.expert import global_expert_state_dict
 
     local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return global_expert_state_dict(model, local) if dist.is_initialized() else local
@@ -46,10 +45,9 @@ def consolidated_state_dict(model) -> dict[str, torch.Tensor]:
 def save_export(job: JobConfig, model, state: dict[str, torch.Tensor], tokenizer) -> str:
     """Write ``<storage>/<run>/export``: the whole model in ``save_pretrained`` form, the
     trainable part alone for the next stage, and the tokenizer. Returns the export URL."""
-    from mocha.train.launcher import run_dir_url
-    from pipelines import storage
+    from mocha.io import storage
 
-    url = storage.join_url(run_dir_url(job), EXPORT_DIR)
+    url = storage.join_url(job.run_dir, EXPORT_DIR)
     with tempfile.TemporaryDirectory(prefix="mocha-export-") as tmp:
         model.save_pretrained(tmp, state_dict=state)
         model.save_pretrained(tmp, state_dict=state, parts=HANDOFF_PARTS)

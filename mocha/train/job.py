@@ -3,7 +3,7 @@
 Everything a run needs is in the file: model, data, DeepSpeed/ZeRO and expert parallelism,
 scaling, schedule, checkpointing, storage and the Ray runtime environment. ``load_job`` rejects
 an invalid file before any worker starts, naming each bad field. Command-line overrides use
-dotted paths: ``--set train.max_steps=10 --set scaling.num_workers=1``.
+dotted paths: ``--set schedule.max_steps=10 --set scaling.num_workers=1``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from mocha.config import ConfigError, LLMExpertsConfig, ModelConfig, StrictModel, load_yaml, parse_model
+from mocha.config import ConfigError, ModelConfig, StrictModel, load_yaml, parse_model
+from mocha.parallel.layout import LayoutError, check_layout
 
 
 class InitConfig(StrictModel):
@@ -66,18 +67,6 @@ class DeepSpeedConfig(StrictModel):
                          "and every MoE layer's number of experts")
 
 
-class MoELLMConfig(StrictModel):
-    """MoE-LLaVA-style MoE layers inside the LLM: the FFN of each chosen layer is upcycled into
-    ``num_experts`` copies routed top-k."""
-
-    enabled: bool = False
-    layers: list[int] = Field(default_factory=list)
-    num_experts: int = Field(default=4, ge=1)
-    top_k: int = Field(default=2, ge=1)
-    balance_coef: float = Field(default=0.01, ge=0)
-    z_coef: float = Field(default=0.001, ge=0)
-
-
 class CheckpointConfig(StrictModel):
     every_steps: int = Field(default=500, ge=1)
     keep: int = Field(default=3, ge=1, description="checkpoints kept in the storage path (Ray CheckpointConfig)")
@@ -104,45 +93,18 @@ class JobConfig(StrictModel):
     data: DataConfig
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    moe_llm: MoELLMConfig = Field(default_factory=MoELLMConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime environment used by `mocha submit`")
 
-    @property
-    def architecture(self) -> ModelConfig:
-        """The model this job trains: ``model`` plus the LLM experts of ``moe_llm`` when enabled
-        (what the export's config records)."""
-        if not self.moe_llm.enabled:
-            return self.model
-        experts = LLMExpertsConfig(layers=self.moe_llm.layers, num_experts=self.moe_llm.num_experts,
-                                   top_k=self.moe_llm.top_k)
-        return self.model.model_copy(update={"llm_experts": experts})
-
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
         workers, ep = self.scaling.num_workers, self.deepspeed.ep_size
-        if self.model.llm_experts is not None:
-            raise ValueError("model.llm_experts is written by exports; in a job, turn LLM experts on with moe_llm "
-                             "(enabled, layers, num_experts, top_k)")
-        if workers % ep:
-            raise ValueError(f"deepspeed.ep_size ({ep}) must divide scaling.num_workers ({workers})")
-        moe_sizes = [("model.connector.num_experts", self.model.connector.num_experts)] \
-            if self.model.connector.kind == "moe" else []
-        if self.moe_llm.enabled:
-            moe_sizes.append(("moe_llm.num_experts", self.moe_llm.num_experts))
-            if not self.moe_llm.layers:
-                raise ValueError("moe_llm.layers must list at least one layer when moe_llm.enabled")
-            if self.moe_llm.top_k > self.moe_llm.num_experts:
-                raise ValueError("moe_llm.top_k must be <= moe_llm.num_experts")
-        for name, experts in moe_sizes:
-            if experts % ep:
-                raise ValueError(f"deepspeed.ep_size ({ep}) must divide {name} ({experts})")
-        has_moe = bool(moe_sizes)
-        if self.deepspeed.zero_stage == 3 and has_moe:
-            raise ValueError("deepspeed.zero_stage 3 cannot be used with MoE layers (DeepSpeed rejects native "
-                             "MoE with ZeRO-3): use zero_stage 1 or 2, or a dense connector without moe_llm")
+        try:
+            check_layout(workers, self.deepspeed.zero_stage, ep, self.expert_counts)
+        except LayoutError as e:
+            raise ValueError(str(e)) from None
         streams = self.data.num_streams or workers
         if streams % workers:
             raise ValueError(f"data.num_streams ({streams}) must be a multiple of scaling.num_workers ({workers})")
@@ -161,6 +123,16 @@ class JobConfig(StrictModel):
         return self
 
     @property
+    def expert_counts(self) -> dict[str, int]:
+        """Experts of every MoE layer kind the model has, by config field."""
+        counts = {}
+        if self.model.connector.kind == "moe":
+            counts["model.connector"] = self.model.connector.num_experts
+        if self.model.llm_experts is not None:
+            counts["model.llm_experts"] = self.model.llm_experts.num_experts
+        return counts
+
+    @property
     def grad_accum(self) -> int:
         s = self.schedule
         return s.global_batch_size // (s.micro_batch_size * self.scaling.num_workers)
@@ -168,6 +140,13 @@ class JobConfig(StrictModel):
     @property
     def num_streams(self) -> int:
         return self.data.num_streams or self.scaling.num_workers
+
+    @property
+    def run_dir(self) -> str:
+        """``<run.storage_path>/<run.name>``: checkpoints, metrics.jsonl and export/ (``mocha.io.layout``)."""
+        from mocha.io.storage import join_url
+
+        return join_url(self.run.storage_path, self.run.name)
 
     @property
     def tokenizer_path(self) -> str:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from mocha.config import ConfigError
+from mocha.io.layout import EXPORT_DIR, TRAINABLE_NAME
 from mocha.train.job import JobConfig
 
 
@@ -25,13 +26,13 @@ class RunResult:
 def check_inputs(job: JobConfig) -> None:
     """Fail before any worker starts when the data or the init weights are missing/incompatible."""
     from mocha.train.shards import load_shard_refs
-    from pipelines import storage
+    from mocha.io import storage
 
     load_shard_refs(job.data.shards, job.data.features, job.model)  # raises on missing / mismatched data
     if job.init.trainable_from:
-        url = storage.join_url(job.init.trainable_from, "trainable.safetensors")
+        url = storage.join_url(job.init.trainable_from, TRAINABLE_NAME)
         if not storage.exists(url):
-            raise ConfigError(f"init.trainable_from: no trainable.safetensors at {job.init.trainable_from}")
+            raise ConfigError(f"init.trainable_from: no {TRAINABLE_NAME} at {job.init.trainable_from}")
     if job.stage == 2 and not job.init.trainable_from:
         print("[mocha] warning: stage 2 without init.trainable_from starts the connectors from scratch")
 
@@ -48,12 +49,6 @@ def connect_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
-def run_dir_url(job: JobConfig) -> str:
-    from pipelines.storage import join_url
-
-    return join_url(job.run.storage_path, job.run.name)
-
-
 def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
     """Train one stage. Resumes from the latest checkpoint in the run's storage path when the
     same job is rerun (Ray Train's own resume), or from ``resume_from`` when given."""
@@ -61,7 +56,7 @@ def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
     from ray.train.torch import TorchTrainer
 
     from mocha.train.loop import train_func
-    from pipelines.storage import is_s3, resolve_filesystem
+    from mocha.io.storage import is_s3, join_url, resolve_filesystem
 
     check_inputs(job)
     connect_ray()
@@ -91,8 +86,6 @@ def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    run_dir = run_dir_url(job)
-    from pipelines.storage import join_url
-
+    run_dir = job.run_dir
     print(json.dumps({"run_dir": run_dir, "checkpoint": checkpoint, "final_metrics": result.metrics}, default=str))
-    return RunResult(run_dir, checkpoint, dict(result.metrics or {}), join_url(run_dir, "export"))
+    return RunResult(run_dir, checkpoint, dict(result.metrics or {}), join_url(run_dir, EXPORT_DIR))

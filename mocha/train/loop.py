@@ -1,11 +1,15 @@
-"""``train_func``: what each Ray Train worker runs.
+"""``train_func``: what each Ray Train worker runs, as a loop over small functions (torchtitan style).
 
-Build the model (without the frozen encoders when training from feature shards), load the
-stage-1 hand-off for stage 2, wrap it in DeepSpeed (ZeRO + expert parallelism), restore the
-latest checkpoint if there is one, then loop: take this worker's micro-batches for the step
-(read, decoded and collated ahead on a background thread, ``data.prefetch_batches`` steps deep),
-forward/backward each, step, log metrics (metrics.jsonl), checkpoint and report to Ray Train every N steps
-and at the end, export.
+    state = TrainState()                          # step, samples consumed, data position
+    run = build_engine(job, ctx)                  # model (+ stage-1 hand-off), DeepSpeed engine, schedule
+    restore(run, state, checkpoint)               # latest checkpoint, if any
+    for each step: train_step(run, batches)       # forward/backward every micro-batch, optimizer step
+                   save(run, state) every N steps # checkpoint, metrics, report to Ray Train; export at the end
+
+The model is built without the frozen encoders when training from feature shards. The next steps'
+micro-batches are read, decoded and collated on a background thread (``data.prefetch_batches``
+deep); the checkpointed data position is the optimizer steps the loop consumed, never how far the
+prefetcher has read ahead.
 """
 
 from __future__ import annotations
@@ -14,29 +18,52 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from mocha.train.job import JobConfig
-
-STATE_STEP = "step"
+from mocha.train.metrics import MetricsLog, StepMetrics
 
 
 @dataclass
-class StepMetrics:
-    """Per-step sums over this worker's micro-batches (averaged over workers before reporting)."""
+class TrainState:
+    """What a checkpoint must carry beyond the weights to resume exactly (``extra_state``)."""
 
-    loss: float = 0.0
-    lm_loss: float = 0.0
-    balance_loss: float = 0.0
-    z_loss: float = 0.0
-    moe_llm_loss: float = 0.0
-    tokens: int = 0
-    samples: int = 0
-    masked_samples: int = 0
-    expert_load: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = 0  #: optimizer steps done
+    num_streams: int = 1  #: data streams the order was dealt into (fixed for a run)
+    samples_per_stream: int = 0  #: samples each stream has consumed: the data position
+    world_size: int = 1  #: workers that wrote the checkpoint (informational)
+    stage: int = 1
+
+    def advance(self, global_batch: int) -> None:
+        self.step += 1
+        self.samples_per_stream = self.step * global_batch // self.num_streams
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class Run:
+    """Everything a worker builds once: the job, its place in the world, model and engine."""
+
+    job: JobConfig
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    model: Any
+    engine: Any
+    plan: Any  # mocha.train.data.StreamPlan
+    total_steps: int
+    metrics: MetricsLog
 
 
 def seed_everything(seed: int) -> None:
@@ -64,7 +91,7 @@ def build_model(job: JobConfig, vocab_size: int, device):
     from mocha.model.mocha import MochaModel
     from mocha.train.handoff import load_trainable
 
-    model = MochaModel(job.architecture, vocab_size=vocab_size, with_encoders=job.data.features is None)
+    model = MochaModel(job.model, vocab_size=vocab_size, with_encoders=job.data.features is None)
     if job.init.trainable_from:
         load_trainable(model, job.init.trainable_from)
     model.set_trainable(job.stage)
@@ -73,23 +100,15 @@ def build_model(job: JobConfig, vocab_size: int, device):
     return model.to(device)
 
 
-def train_func(config: dict) -> None:
-    import ray.train
-
+def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
+    """Tokenizer, model and DeepSpeed engine (ZeRO, expert parallelism, warmup-cosine schedule)."""
     from mocha.text.tokenizer import load_tokenizer
-    from mocha.train import checkpoint as ckpt
-    from mocha.train.data import RankData, StreamPlan, collate, decode_row
+    from mocha.train.data import StreamPlan
     from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine, warmup_cosine_schedule
-    from mocha.train.metrics import MetricsLog
-    from mocha.train.prefetch import StepPrefetcher
     from mocha.train.shards import load_shard_refs
-    from pipelines.storage import resolve_filesystem
 
-    job = JobConfig.model_validate(config["job"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = job.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     seed_everything(job.schedule.seed)
@@ -99,99 +118,78 @@ def train_func(config: dict) -> None:
     shards = load_shard_refs(job.data.shards, job.data.features, job.model)
     plan = StreamPlan(shards, job.num_streams, seed=job.schedule.seed, shuffle=job.data.shuffle_shards)
     steps = total_steps(job, plan.samples_per_epoch())
-    grad_accum = job.schedule.global_batch_size // (job.schedule.micro_batch_size * world)
-    precision = resolve_precision(job.schedule.precision, on_gpu)
     sched = job.schedule
     ds_config = build_deepspeed_config(DeepSpeedSettings(
         zero_stage=job.deepspeed.zero_stage, offload_optimizer=job.deepspeed.offload_optimizer,
-        micro_batch_size=sched.micro_batch_size, grad_accum=grad_accum, grad_clip=sched.grad_clip,
-        precision=precision, lr=sched.lr, weight_decay=sched.weight_decay, betas=tuple(sched.betas)))
-    warmup = math.ceil(steps * sched.warmup_ratio)
-    engine = initialize_engine(model, ds_config, ep_size=job.deepspeed.ep_size,
-                               lr_scheduler_fn=warmup_cosine_schedule(warmup, steps, sched.min_lr_ratio))
+        micro_batch_size=sched.micro_batch_size, grad_accum=sched.global_batch_size // (sched.micro_batch_size * world),
+        grad_clip=sched.grad_clip, precision=resolve_precision(sched.precision, on_gpu), lr=sched.lr,
+        weight_decay=sched.weight_decay, betas=tuple(sched.betas)))
+    engine = initialize_engine(model, ds_config, ep_size=job.deepspeed.ep_size, lr_scheduler_fn=warmup_cosine_schedule(
+        math.ceil(steps * sched.warmup_ratio), steps, sched.min_lr_ratio))
+    return Run(job, rank, world, device, tokenizer, model, engine, plan, steps, MetricsLog(job, rank))
 
-    metrics_log = MetricsLog(job, rank)
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = ckpt.load_checkpoint(engine, model, directory)
-            metrics_log.restore(directory)
-        start_step = int(state[STATE_STEP])
-        if int(state.get("num_streams", job.num_streams)) != job.num_streams:
-            raise ValueError(f"checkpoint was written with {state['num_streams']} data streams, this job "
-                             f"has {job.num_streams}: keep data.num_streams when resuming")
-        if rank == 0:
-            print(f"[mocha] resumed at step {start_step}/{steps} from {checkpoint.path}")
 
-    num_image_tokens = model.num_visual_tokens
+def restore(run: Run, state: TrainState, checkpoint) -> None:
+    """Load ``checkpoint`` (a ``ray.train.Checkpoint`` or None) into the engine and ``state``."""
+    from mocha.train import checkpoint as ckpt
+
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        saved = TrainState.from_dict(ckpt.load_checkpoint(run.engine, run.model, directory))
+        run.metrics.restore(directory)
+    if saved.num_streams != state.num_streams:
+        raise ValueError(f"checkpoint was written with {saved.num_streams} data streams, this job "
+                         f"has {state.num_streams}: keep data.num_streams when resuming")
+    state.step, state.samples_per_stream = saved.step, saved.samples_per_stream
+    if run.rank == 0:
+        print(f"[mocha] resumed at step {state.step}/{run.total_steps} from {checkpoint.path}")
+
+
+def rank_batches(run: Run, state: TrainState):
+    """A callable returning this worker's collated micro-batches of the next optimizer step,
+    reading from the data position in ``state``."""
+    from mocha.io.storage import resolve_filesystem
+    from mocha.train.data import RankData, collate, decode_row
+
+    job, model = run.job, run.model
     from_features = job.data.features is not None
 
     def decode(row):
-        return decode_row(row, tokenizer, job.model.template, job.model.max_length, num_image_tokens,
+        return decode_row(row, run.tokenizer, job.model.template, job.model.max_length, model.num_visual_tokens,
                           model.encoder_kinds, from_features)
 
-    data = RankData(plan, rank, world, job.schedule.global_batch_size, job.schedule.micro_batch_size,
-                    start_step, lambda url: resolve_filesystem(url), decode)
+    data = RankData(run.plan, run.rank, run.world, job.schedule.global_batch_size, job.schedule.micro_batch_size,
+                    state.step, resolve_filesystem, decode)
     preprocess = None if from_features else model.preprocess
-    pad_id = tokenizer.pad_token_id
-
-    def next_step_batches():
-        return [collate(mb, pad_id, preprocess) for mb in data.next_step()]
-
-    # The next steps' micro-batches are read, decoded and collated on a background thread while
-    # this one computes. The checkpointed data position is `step + 1` optimizer steps
-    # (`samples_per_stream`), never how far the prefetcher has read ahead of the loop.
-    with StepPrefetcher(next_step_batches, depth=job.data.prefetch_batches, total=steps - start_step) as prefetched:
-        for step in range(start_step, steps):
-            t_start = time.perf_counter()
-            batches = prefetched.next()  # data wait: what prefetching did not hide
-            t_data = time.perf_counter() - t_start
-            m = run_micro_batches(engine, model, job, batches, device)
-            elapsed = time.perf_counter() - t_start
-            record = metrics_log.step_record(step + 1, m, len(batches), elapsed, t_data,
-                                             lr=engine.lr_scheduler.get_last_lr()[0])
-            done = step + 1 == steps
-            if (step + 1) % job.checkpoint.every_steps == 0 or done:
-                with tempfile.TemporaryDirectory(prefix="mocha-ckpt-") as directory:
-                    ckpt.save_checkpoint(engine, model, directory, {
-                        STATE_STEP: step + 1, "num_streams": job.num_streams,
-                        "samples_per_stream": (step + 1) * job.schedule.global_batch_size // job.num_streams,
-                        "world_size": world, "stage": job.stage})
-                    if rank == 0:
-                        metrics_log.write(directory)
-                    if done:
-                        export_model(job, model, engine, tokenizer, rank)
-                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory)
-                                     if rank == 0 else None)
-            # No ray.train.report between checkpoints: Ray Train v2 keeps only metrics attached to
-            # a checkpoint, and each report is a round trip through the controller (about 1.8 s a
-            # step on 2 CPU cores, 10x the demo's step). Per-step metrics go to metrics.jsonl and
-            # the log (MetricsLog); every worker still reports at the same steps.
+    pad_id = run.tokenizer.pad_token_id
+    return lambda: [collate(mb, pad_id, preprocess) for mb in data.next_step()]
 
 
-def run_micro_batches(engine, model, job: JobConfig, batches, device) -> StepMetrics:
+def train_step(run: Run, batches) -> StepMetrics:
     """Forward/backward every micro-batch of one optimizer step (DeepSpeed steps the optimizer
     at the accumulation boundary); this worker's summed metrics."""
+    engine, model, experts = run.engine, run.model, run.job.model.llm_experts
     m = StepMetrics()
     for batch in batches:
-        inputs = batch.model_inputs(device)
+        inputs = batch.model_inputs(run.device)
         if inputs["features"] is None and inputs["pixel_values"] is None:
-            inputs["features"] = dummy_features(model, device)
+            inputs["features"] = dummy_features(model, run.device)
         out = engine(**inputs)
         loss = out.loss
-        moe_llm = collect_llm_aux_loss(model, job)
-        if moe_llm is not None:
-            loss = loss + moe_llm
-            m.moe_llm_loss += float(moe_llm.detach())
+        if experts is not None:
+            from mocha.model.moe_llm import collect_moe_losses
+
+            balance, z = collect_moe_losses(model.llm)
+            aux = experts.balance_coef * balance + experts.z_coef * z
+            loss = loss + aux
+            m.moe_llm_loss += float(aux.detach())
         engine.backward(loss)
         engine.step()
         m.loss += float(loss.detach())
-        m.lm_loss += float(out.lm_loss)
-        m.balance_loss += float(out.balance_loss)
-        m.z_loss += float(out.z_loss)
+        m.lm_loss += float(out.lm_loss.detach())
+        m.balance_loss += float(out.balance_loss.detach())
+        m.z_loss += float(out.z_loss.detach())
         m.tokens += int(batch.attention_mask.sum())
         m.samples += batch.num_samples
         m.masked_samples += batch.num_masked
@@ -207,22 +205,61 @@ def dummy_features(model, device) -> dict[str, torch.Tensor]:
             for k in model.encoder_kinds}
 
 
-def collect_llm_aux_loss(model, job: JobConfig):
-    if not job.moe_llm.enabled:
-        return None
-    from mocha.model.moe_llm import collect_moe_losses
+def save(run: Run, state: TrainState, record: dict, final: bool) -> None:
+    """Checkpoint (every rank takes part), metrics history, export at the end, and one report
+    to Ray Train carrying the checkpoint."""
+    import ray.train
 
-    balance, z = collect_moe_losses(model.llm)
-    return job.moe_llm.balance_coef * balance + job.moe_llm.z_coef * z
+    from mocha.train import checkpoint as ckpt
+
+    with tempfile.TemporaryDirectory(prefix="mocha-ckpt-") as directory:
+        ckpt.save_checkpoint(run.engine, run.model, directory, state.to_dict())
+        if run.rank == 0:
+            run.metrics.write(directory)
+        if final:
+            export_model(run)
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory) if run.rank == 0 else None)
 
 
-def export_model(job: JobConfig, model, engine, tokenizer, rank: int) -> None:
+def export_model(run: Run) -> None:
     """Write the consolidated trained model (``save_pretrained`` form) and the trainable part
     alone (stage-1 -> stage-2 hand-off) to ``<storage>/<run>/export``. Collective."""
     from mocha.train.handoff import consolidated_state_dict, save_export
 
-    state = consolidated_state_dict(model)  # all ranks take part (expert gather)
-    if rank == 0:
-        save_export(job, model, state, tokenizer)
+    state = consolidated_state_dict(run.model)  # all ranks take part (expert gather)
+    if run.rank == 0:
+        save_export(run.job, run.model, state, run.tokenizer)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def train_func(config: dict) -> None:
+    import ray.train
+
+    from mocha.train.prefetch import StepPrefetcher
+
+    job = JobConfig.model_validate(config["job"])
+    ctx = ray.train.get_context()
+    run = build_engine(job, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    state = TrainState(num_streams=job.num_streams, world_size=run.world, stage=job.stage)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    restore(run, state, checkpoint)
+
+    with StepPrefetcher(rank_batches(run, state), depth=job.data.prefetch_batches,
+                        total=run.total_steps - state.step) as prefetched:
+        while state.step < run.total_steps:
+            t_start = time.perf_counter()
+            batches = prefetched.next()  # data wait: what prefetching did not hide
+            t_data = time.perf_counter() - t_start
+            m = train_step(run, batches)
+            state.advance(job.schedule.global_batch_size)
+            record = run.metrics.step_record(state.step, m, len(batches), time.perf_counter() - t_start, t_data,
+                                             lr=run.engine.lr_scheduler.get_last_lr()[0])
+            final = state.step == run.total_steps
+            # Ray Train hears from the loop only with checkpoints: Ray Train v2 keeps only metrics
+            # attached to a checkpoint, and each report is a round trip through the controller
+            # (about 1.8 s a step on 2 CPU cores). Per-step metrics go to metrics.jsonl and the log.
+            if state.step % job.checkpoint.every_steps == 0 or final:
+                save(run, state, record, final)

@@ -14,17 +14,28 @@ all of that work.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from mocha.io.layout import METRICS_NAME
 from mocha.train.job import JobConfig
 
-if TYPE_CHECKING:
-    from mocha.train.loop import StepMetrics
 
-METRICS_FILE = "metrics.jsonl"
+@dataclass
+class StepMetrics:
+    """Per-step sums over this worker's micro-batches (averaged over workers before reporting)."""
+
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    balance_loss: float = 0.0
+    z_loss: float = 0.0
+    moe_llm_loss: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+    masked_samples: int = 0
+    expert_load: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -39,7 +50,7 @@ class MetricsLog:
         self.job, self.rank = job, rank
         self.records: list[dict] = []
 
-    def step_record(self, step: int, m: "StepMetrics", micro_batches: int, elapsed: float, data_wait: float,
+    def step_record(self, step: int, m: StepMetrics, micro_batches: int, elapsed: float, data_wait: float,
                     lr: float) -> dict:
         """Average this step's numbers over micro-batches and workers; rank 0 logs and keeps it."""
         scalars = torch.tensor([m.loss, m.lm_loss, m.balance_loss, m.z_loss, m.moe_llm_loss, micro_batches,
@@ -59,7 +70,7 @@ class MetricsLog:
             "step_time_s": step_time, "data_wait_s": wait_sum / world,
             "data_wait_fraction": (wait_sum / elapsed_sum) if elapsed_sum > 0 else 0.0,
         }
-        if self.job.moe_llm.enabled:
+        if self.job.model.llm_experts is not None:
             record["moe_llm_loss"] = moe / mbs
         for i, kind in enumerate(kinds):
             total = loads[i].sum().item()
@@ -75,14 +86,13 @@ class MetricsLog:
 
     def write(self, directory: str | Path) -> None:
         """Write the history into a checkpoint dir and to the run dir on storage (rank 0)."""
-        from mocha.train.launcher import run_dir_url
-        from pipelines import storage
+        from mocha.io import storage
 
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        Path(directory, METRICS_FILE).write_text(text)
-        storage.write_bytes(storage.join_url(run_dir_url(self.job), METRICS_FILE), text.encode())
+        Path(directory, METRICS_NAME).write_text(text)
+        storage.write_bytes(storage.join_url(self.job.run_dir, METRICS_NAME), text.encode())
 
     def restore(self, directory: str | Path) -> None:
-        path = Path(directory, METRICS_FILE)
+        path = Path(directory, METRICS_NAME)
         if path.exists():
             self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

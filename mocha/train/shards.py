@@ -7,18 +7,18 @@ import json
 
 from mocha.config import ConfigError, ModelConfig
 from mocha.train.data import ShardRef
+from mocha.io.layout import MANIFEST_NAME
 
-MANIFEST = "manifest.json"
 
 
 def _read_manifest(url: str, what: str) -> dict:
-    from pipelines import storage
+    from mocha.io import storage
 
-    manifest_url = storage.join_url(url, MANIFEST)
+    manifest_url = storage.join_url(url, MANIFEST_NAME)
     try:
         return json.loads(storage.read_bytes(manifest_url))
     except FileNotFoundError:
-        raise ConfigError(f"{what}: no {MANIFEST} at {url} (build it with `mocha data "
+        raise ConfigError(f"{what}: no {MANIFEST_NAME} at {url} (build it with `mocha data "
                           f"{'features' if what == 'data.features' else 'shard'}`)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what}: {manifest_url} is not valid JSON: {e}") from None
@@ -29,7 +29,7 @@ def _read_manifest(url: str, what: str) -> dict:
 def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfig) -> list[ShardRef]:
     """Shards to train on, in manifest order. From features: the feature shards (which carry the
     conversation json too), after checking their encoder config hash against the model's."""
-    from pipelines import storage
+    from mocha.io import storage
 
     manifest = _read_manifest(shards_url, "data.shards")
     shards = [(s["name"], int(s["count"])) for s in manifest["shards"]]

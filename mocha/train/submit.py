@@ -7,7 +7,7 @@ the job's logs until it ends (--no-follow returns at once). The entrypoint is
 
 examples:
   mocha submit jobs/stage2.yaml --address http://head-node:8265
-  RAY_ADDRESS=http://127.0.0.1:8265 mocha submit jobs/local/stage1.yaml --set schedule.max_steps=5
+  RAY_ADDRESS=http://127.0.0.1:8265 mocha submit jobs/stage1.yaml --set schedule.max_steps=5
 """
 
 from __future__ import annotations

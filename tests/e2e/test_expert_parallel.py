@@ -56,7 +56,7 @@ def _reference(world_size: int, ep_group_ranks: list[int]):
 
 
 def _check_ep_connector(rank: int, world_size: int, ep_size: int) -> int:
-    from mocha.model.expert_parallel import ExpertParallelMoEConnector, global_expert_state_dict
+    from mocha.parallel.expert import ExpertParallelMoEConnector, global_expert_state_dict
     from mocha.train.engine import init_distributed
 
     init_distributed()
@@ -125,7 +125,7 @@ def _tiny_phi():
 
 
 def _check_apply_expert_parallel(rank: int, world_size: int) -> None:
-    from mocha.model.expert_parallel import (
+    from mocha.parallel.expert import (
         ExpertParallelMoEConnector,
         ExpertParallelMoEFeedForward,
         apply_expert_parallel,
@@ -175,7 +175,7 @@ def test_apply_expert_parallel_replaces_connector_and_llm_moe_ffn():
 
 def _check_bad_ep_size(rank: int, world_size: int) -> None:
     from mocha.model.connector import MoEConnector
-    from mocha.model.expert_parallel import ExpertParallelMoEConnector, ensure_expert_groups
+    from mocha.parallel.expert import ExpertParallelMoEConnector, ensure_expert_groups
     from mocha.train.engine import init_distributed
 
     init_distributed()

@@ -21,7 +21,7 @@ import webdataset as wds
 
 from mocha.model.encoders import build_encoders
 from mocha.model.tiny import tiny_model_config
-from pipelines import storage
+from mocha.io import storage
 from pipelines.features import FeatureJobConfig, FeatureManifest, build_features, decode_features
 from pipelines.shard import ShardJobConfig, build_shards
 from pipelines.validation import Reason

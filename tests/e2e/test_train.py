@@ -120,7 +120,7 @@ def test_stage2_from_features_on_s3_resumes_by_rerun(stage1, workspace, s3_bucke
     assert first.run_dir.startswith("s3://")
     job_more = job.model_copy(update={"schedule": job.schedule.model_copy(update={"max_steps": STEPS})})
     second = fit(job_more)  # same name + storage: resumes at step 3 from the S3 checkpoint
-    from pipelines import storage
+    from mocha.io import storage
 
     records = [json.loads(line) for line in storage.read_bytes(second.run_dir + "/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -134,7 +134,7 @@ def test_stage2_from_features_on_s3_resumes_by_rerun(stage1, workspace, s3_bucke
 
 
 def _download(url: str, dest: Path) -> str:
-    from pipelines import storage
+    from mocha.io import storage
 
     dest.write_bytes(storage.read_bytes(url))
     return str(dest)
@@ -203,7 +203,7 @@ def test_killed_worker_restarts_from_checkpoint_with_identical_final_weights(sta
 
 
 def test_stage2_with_moe_layers_in_the_llm_trains_them_expert_parallel(stage1, workspace):
-    """MoE-LLaVA-style LLM experts (``moe_llm``) in a real Ray Train run: layer 1's FFN is upcycled
+    """MoE-LLaVA-style LLM experts (``model.llm_experts``) in a real Ray Train run: layer 1's FFN is upcycled
     into 4 experts split over 2 ranks (ep_size 2); every step reports their auxiliary loss, the
     export holds all 4 experts gathered under global names, and the experts, identical copies of
     the FFN at the start, come out different: each saw its own routed tokens. The export loads
@@ -212,7 +212,7 @@ def test_stage2_with_moe_layers_in_the_llm_trains_them_expert_parallel(stage1, w
 
     _, result1 = stage1
     job = _job(workspace, 2, "s2-moe-llm", init={"trainable_from": result1.export_dir}, schedule={"max_steps": 3},
-               moe_llm={"enabled": True, "layers": [1], "num_experts": 4, "top_k": 2})
+               model={"llm_experts": {"layers": [1], "num_experts": 4, "top_k": 2}})
     assert job.deepspeed.ep_size == 2 and job.scaling.num_workers == 2
     result = fit(job)
     records = _metrics(result.run_dir)
@@ -229,7 +229,7 @@ def test_stage2_with_moe_layers_in_the_llm_trains_them_expert_parallel(stage1, w
     assert not any(k.startswith("llm.model.layers.0.mlp.experts.") for k in exported)  # layer 0 stays dense
 
     # the export records the experts in its config, so it loads back and answers
-    from mocha.eval.pretrained import load_pretrained
+    from mocha.export.pretrained import load_pretrained
     from mocha.model.moe_llm import MoEFeedForward
 
     model, tokenizer = load_pretrained(result.export_dir)

@@ -31,7 +31,7 @@ def _step(engine, rank: int) -> None:
 
 
 def _check_two_ranks(rank: int, world_size: int) -> None:
-    from mocha.model.expert_parallel import ExpertParallelMoEConnector
+    from mocha.parallel.expert import ExpertParallelMoEConnector
     from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine
 
     with pytest.raises(ValueError, match="DeepSpeed rejects MoE with ZeRO stage 3"):

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from mocha.cli import main
 from mocha.config import ConfigError
-from mocha.eval.pretrained import export_pretrained, load_pretrained
+from mocha.export.pretrained import export_pretrained, load_pretrained
 from mocha.eval.runner import AnswerOptions, VisualQuestionAnswerer
 from mocha.text.conversation import tokenize_prompt
 from tests.eval_models import build_tiny_model, write_images

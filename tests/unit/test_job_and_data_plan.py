@@ -44,11 +44,12 @@ def _base() -> dict:
     (lambda d: d["scaling"].update(num_workers="many"), "scaling.num_workers"),
     (lambda d: d["deepspeed"].update(ep_size=3), "ep_size (3) must divide"),
     (lambda d: d.pop("data"), "data"),
-    (lambda d: d["deepspeed"].update(zero_stage=3, ep_size=1), "zero_stage 3 cannot be used with MoE"),
+    (lambda d: d["deepspeed"].update(zero_stage=3, ep_size=4), "DeepSpeed rejects MoE with ZeRO stage 3"),
     (lambda d: d["model"].update(template="plain"), "stage 2 instruction-tunes"),
     (lambda d: d["schedule"].update(global_batch_size=100), "global_batch_size (100)"),
     (lambda d: d["data"].update(prefetch_batches=-1), "data.prefetch_batches"),
-    (lambda d: d["model"].update(llm_experts={"layers": [0]}), "turn LLM experts on with moe_llm"),
+    (lambda d: d["model"].update(llm_experts={"layers": [0], "num_experts": 6}), "must divide num_experts (6) of model.llm_experts"),
+    (lambda d: d.update(moe_llm={"enabled": True}), "moe_llm"),
 ])
 def test_invalid_job_fails_naming_the_field(tmp_path, mutate, field):
     data = _base()
@@ -58,15 +59,22 @@ def test_invalid_job_fails_naming_the_field(tmp_path, mutate, field):
     assert field in str(err.value)
 
 
-def test_architecture_records_the_llm_experts_of_moe_llm(tmp_path):
+def test_llm_experts_are_one_config_in_the_model_section(tmp_path):
     dense = load_job(_write(tmp_path, _base()))
-    assert dense.architecture is dense.model and dense.model.llm_experts is None
+    assert dense.model.llm_experts is None and dense.expert_counts == {"model.connector": 4}
     data = _base()
-    data["moe_llm"] = {"enabled": True, "layers": [1], "num_experts": 4, "top_k": 2}
+    data["model"]["llm_experts"] = {"layers": [1], "num_experts": 4, "top_k": 2, "balance_coef": 0.02}
     job = load_job(_write(tmp_path, data))
-    experts = job.architecture.llm_experts
-    assert (experts.layers, experts.num_experts, experts.top_k) == ([1], 4, 2)
-    assert job.model.llm_experts is None  # the job's own model section stays as written
+    experts = job.model.llm_experts
+    assert (experts.layers, experts.num_experts, experts.top_k, experts.balance_coef, experts.z_coef) == \
+        ([1], 4, 2, 0.02, 0.001)
+    assert job.expert_counts == {"model.connector": 4, "model.llm_experts": 4}
+
+
+def test_zero3_with_moe_runs_when_experts_are_replicated(tmp_path):
+    data = _base()
+    data["deepspeed"].update(zero_stage=3, ep_size=1)
+    assert load_job(_write(tmp_path, data)).deepspeed.zero_stage == 3
 
 
 def test_overrides_apply_by_dotted_path(tmp_path):

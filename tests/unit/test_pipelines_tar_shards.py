@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 
-from pipelines import storage
+from mocha.io import storage
 from pipelines.tar_shards import (completed_shard, iter_tar_samples, marker_url, remove_stale_shards, write_marker,
                                   write_tar_shard)
 

@@ -9,7 +9,7 @@ import torch
 from mocha.config import EncoderConfig
 from mocha.model.encoders import build_encoder
 from mocha.model.llm import build_llm, real_llm_config
-from mocha.model.sizing import count_parameters, model_size, real_model_config
+from mocha.plan.params import count_parameters, measure_model, real_model_config
 
 # Published sizes: CLIP ViT-L/14-336 vision tower 303.5M (HF CLIPVisionModel); SigLIP so400m
 # vision tower 428M (timm/HF model cards); DINOv2 ViT-L/14 304M (DINOv2 paper, model card);
@@ -45,19 +45,20 @@ def test_real_llm_size(family):
 
 
 def test_real_model_totals():
-    size = model_size(real_model_config("phi"))
+    size = measure_model(real_model_config("phi"))
     assert [e.kind for e in size.encoders] == ["siglip", "convnext", "clip", "dinov2"]
     assert size.visual_tokens == 729 + 144 + 576 + 256 == 1705
-    assert size.frozen_encoder_parameters == pytest.approx(sum(v[0] for v in ENCODERS.values()), rel=0.01)
-    assert size.llm_hidden_size == 2560
+    assert size.encoder_params == pytest.approx(sum(v[0] for v in ENCODERS.values()), rel=0.01)
+    assert size.llm.hidden == 2560
 
 
-def test_pretrained_configs_name_the_checkpoints_and_cannot_be_sized_without_weights():
+def test_pretrained_configs_name_the_checkpoints_and_are_sized_from_the_architecture_alone():
     cfg = real_model_config("llama", pretrained=True)
     assert cfg.llm.pretrained == "lmsys/vicuna-7b-v1.5" and cfg.template == "vicuna_v1"
     assert cfg.encoders[2].pretrained == "openai/clip-vit-large-patch14-336"
-    with pytest.raises(ValueError, match="pretrained is set on encoders\\[0\\]"):
-        model_size(cfg)
+    # measuring never reads a checkpoint (HF_HUB_OFFLINE in tests: a download would fail)
+    size, arch = measure_model(cfg), measure_model(real_model_config("llama"))
+    assert (size.total_params, size.visual_tokens) == (arch.total_params, arch.visual_tokens)
 
 
 def test_count_parameters_trainable_only():

@@ -1,4 +1,4 @@
-"""mocha/sizing.py: counts come from the real configurations, the memory model agrees with
+"""mocha/plan: counts come from the real configurations, the memory model agrees with
 DeepSpeed's own ZeRO-2 estimator, and infra/README.md holds exactly what the code computes."""
 
 from __future__ import annotations
@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from mocha import sizing
+from mocha.plan import memory, params, readme
 from mocha.cli import main as mocha_main
-from mocha.model.sizing import real_model_config
+from mocha.plan.params import real_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 2048
 
 
 @pytest.fixture(scope="module")
-def phi() -> sizing.ModelSize:
-    return sizing.measure_model(real_model_config("phi"), lambda visual: {SEQ, visual + 64})
+def phi() -> params.ModelSize:
+    return params.measure_model(real_model_config("phi"), lambda visual: {SEQ, visual + 64})
 
 
-def setup(**changes) -> sizing.TrainSetup:
-    base = sizing.TrainSetup(stage=2, seq_len=SEQ, global_batch=128, micro_batch=1, num_gpus=8, ep_size=4,
+def setup(**changes) -> memory.TrainSetup:
+    base = memory.TrainSetup(stage=2, seq_len=SEQ, global_batch=128, micro_batch=1, num_gpus=8, ep_size=4,
                              gradient_checkpointing=False, encoders_online=True)
     return replace(base, **changes)
 
@@ -60,69 +60,69 @@ def test_zero2_state_bytes_equal_deepspeeds_estimator(params, gpus, offload):
 
     _, gpu_bytes = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, num_nodes=1,
                                                          cpu_offload=offload)
-    assert sum(sizing.zero2_state_bytes(params, gpus, offload)) == pytest.approx(gpu_bytes, abs=2)
+    assert sum(memory.zero2_state_bytes(params, gpus, offload)) == pytest.approx(gpu_bytes, abs=2)
 
 
 def test_memory_plan_parts(phi):
-    base = sizing.memory_plan(phi, setup())
+    base = memory.memory_plan(phi, setup())
     # Experts: a rank holds E/ep_size of them; their states shard over world/ep_size ranks.
     dense = phi.trainable_params(2) - phi.expert_params
     assert base.trainable_weights == 2 * dense + 2 * phi.expert_params // 4
     assert base.optimizer == 12 * dense // 8 + 12 * (phi.expert_params // 4) // 2
     assert base.frozen_weights == 2 * phi.encoder_params
     # Stage 1: the LLM is frozen too; from feature shards the encoders are not on the trainers.
-    stage1 = sizing.memory_plan(phi, setup(stage=1, encoders_online=False))
+    stage1 = memory.memory_plan(phi, setup(stage=1, encoders_online=False))
     assert stage1.frozen_weights == 2 * phi.llm.params
     assert stage1.optimizer < base.optimizer / 10
     # A checkpoint holds fp32 trainable weights and both Adam moments, nothing frozen.
-    assert sizing.checkpoint_bytes(phi, 1) == 12 * phi.connector_params
+    assert memory.checkpoint_bytes(phi, 1) == 12 * phi.connector_params
     # Activations: linear in micro-batch, far smaller with gradient checkpointing.
-    ckpt = sizing.memory_plan(phi, setup(gradient_checkpointing=True))
+    ckpt = memory.memory_plan(phi, setup(gradient_checkpointing=True))
     assert ckpt.activations_per_sample < base.activations_per_sample / 4
-    assert sizing.memory_plan(phi, setup(micro_batch=3)).total - base.total == 2 * base.activations_per_sample
-    fits = base.max_micro_batch(sizing.GPUS["H100"])
-    assert sizing.memory_plan(phi, setup(micro_batch=fits)).total <= 80 * sizing.GiB * sizing.USABLE_MEMORY_FRACTION
-    assert sizing.memory_plan(phi, setup(micro_batch=fits + 1)).total > 80 * sizing.GiB * sizing.USABLE_MEMORY_FRACTION
+    assert memory.memory_plan(phi, setup(micro_batch=3)).total - base.total == 2 * base.activations_per_sample
+    fits = base.max_micro_batch(memory.GPUS["H100"])
+    assert memory.memory_plan(phi, setup(micro_batch=fits)).total <= 80 * memory.GiB * memory.USABLE_MEMORY_FRACTION
+    assert memory.memory_plan(phi, setup(micro_batch=fits + 1)).total > 80 * memory.GiB * memory.USABLE_MEMORY_FRACTION
 
 
 def test_llm_layer_activations_for_phi():
     # Phi-2 (h=2560, I=4h, parallel block, residual dropout): LayerNorm 2h, attention 12h,
     # gelu_new 4 saved tensors + fc2 input = 10 I = 40h, dropout masks 2h -> 56h bytes per token.
-    llm = sizing.LLMSize("phi", 0, 0, 32, 2560, 10240, 2560, 51200, 2048, "layernorm", "gelu_new", True, True)
-    assert sizing.llm_layer_activation_bytes(llm) == 56 * 2560
+    llm = params.LLMSize("phi", 0, 0, 32, 2560, 10240, 2560, 51200, 2048, "layernorm", "gelu_new", True, True)
+    assert memory.llm_layer_activation_bytes(llm) == 56 * 2560
 
 
 def test_time_plan_arithmetic(phi):
     s = setup()
-    h100 = sizing.time_plan(phi, s, sizing.GPUS["H100"], 0.4, 665_298)
-    fast = sizing.time_plan(phi, s, sizing.GPUS["H100"], 0.8, 665_298)
+    h100 = memory.time_plan(phi, s, memory.GPUS["H100"], 0.4, 665_298)
+    fast = memory.time_plan(phi, s, memory.GPUS["H100"], 0.8, 665_298)
     assert fast.step_seconds == pytest.approx(h100.step_seconds / 2)
     assert h100.steps_per_epoch == 5198  # ceil(665,298 / 128)
     # GPU-hours count samples, the epoch counts whole steps (the last one is partial).
     assert h100.epoch_hours * 8 == pytest.approx(h100.gpu_hours, rel=128 / 665_298)
     # Stage 2 trains the LLM (3 forward-equivalents), stage 1 only back-propagates through it (2).
-    s1 = sizing.flops_per_sample(phi, setup(stage=1))
-    s2 = sizing.flops_per_sample(phi, s)
+    s1 = memory.flops_per_sample(phi, setup(stage=1))
+    s2 = memory.flops_per_sample(phi, s)
     assert s2 - s1 == phi.llm_forward_flops[SEQ]
-    features = sizing.flops_per_sample(phi, setup(encoders_online=False))
+    features = memory.flops_per_sample(phi, setup(encoders_online=False))
     assert s2 - features == sum(e.forward_flops for e in phi.encoders)
     with pytest.raises(ValueError, match="mfu"):
-        sizing.time_plan(phi, s, sizing.GPUS["A100"], 0.0, 10)
+        memory.time_plan(phi, s, memory.GPUS["A100"], 0.0, 10)
 
 
 def test_sequence_length_must_fit_max_length(phi):
-    assert sizing.stage_seq_len(phi, 1, 2048) == 1705 + sizing.STAGE1_TEXT_TOKENS
-    assert sizing.stage_seq_len(phi, 2, 2048) == 2048
+    assert memory.stage_seq_len(phi, 1, 2048) == 1705 + memory.STAGE1_TEXT_TOKENS
+    assert memory.stage_seq_len(phi, 2, 2048) == 2048
     with pytest.raises(ValueError, match="max_length 1024"):
-        sizing.stage_seq_len(phi, 1, 1024)
+        memory.stage_seq_len(phi, 1, 1024)
     with pytest.raises(ValueError, match="ep_size"):
         setup(ep_size=3)
 
 
 def test_readme_tables_equal_what_sizing_computes():
-    readme = (ROOT / "infra" / "README.md").read_text()
-    assert sizing.readme_block(readme) == sizing.render_sizing_markdown(), \
-        "regenerate with: python -m mocha.sizing infra/README.md"
+    text = (ROOT / "infra" / "README.md").read_text()
+    assert readme.readme_block(text) == readme.render_sizing_markdown(), \
+        "regenerate with: python -m mocha.plan.readme infra/README.md"
 
 
 def test_mocha_plan_prints_the_plan_of_a_job_file(capsys):

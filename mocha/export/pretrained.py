@@ -21,23 +21,19 @@ from pathlib import Path
 import torch
 
 from mocha.config import ConfigError
-
-CHECKPOINT_STATE = "state.json"
+from mocha.io.layout import (CHECKPOINT_STATE_NAME, CHECKPOINT_WEIGHTS_NAME, EXPORT_CONFIG_NAME,
+                             EXPORT_WEIGHTS_NAME)
 
 
 def is_pretrained_dir(directory: str | Path) -> bool:
-    from mocha.model.mocha import CONFIG_NAME, WEIGHTS_NAME
-
     directory = Path(directory)
-    return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+    return (directory / EXPORT_CONFIG_NAME).is_file() and (directory / EXPORT_WEIGHTS_NAME).is_file()
 
 
 def is_checkpoint_dir(directory: str | Path) -> bool:
-    from mocha.model.mocha import CONFIG_NAME, WEIGHTS_NAME
-
     directory = Path(directory)
-    return ((directory / CHECKPOINT_STATE).is_file() and (directory / WEIGHTS_NAME).is_file()
-            and not (directory / CONFIG_NAME).exists())
+    return ((directory / CHECKPOINT_STATE_NAME).is_file() and (directory / CHECKPOINT_WEIGHTS_NAME).is_file()
+            and not (directory / EXPORT_CONFIG_NAME).exists())
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
@@ -62,9 +58,7 @@ def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
     (``ConfigError`` otherwise: the checkpoint does not belong to this base model)."""
     from safetensors.torch import load_file
 
-    from mocha.model.mocha import WEIGHTS_NAME
-
-    path = Path(checkpoint_dir) / WEIGHTS_NAME
+    path = Path(checkpoint_dir) / CHECKPOINT_WEIGHTS_NAME
     state = load_file(str(path))
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)

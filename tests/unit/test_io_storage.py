@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import storage
+from mocha.io import storage
 
 
 def test_local_atomic_write_publishes_only_complete_files(tmp_path):

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mocha.eval.cli import input_errors_reported
-    from mocha.eval.pretrained import export_pretrained
+    from mocha.export.pretrained import export_pretrained
 
     with input_errors_reported():
         out = export_pretrained(args.checkpoint, args.out, base=args.base)

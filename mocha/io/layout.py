@@ -1,0 +1,65 @@
+"""Every on-disk name mocha reads or writes, defined once.
+
+Folders are local paths or ``s3://`` URLs (``mocha.io.storage``). Each layout below is what the
+module in brackets writes; readers import the names from here, never spell them again.
+
+**Shard set** (``mocha data shard``; ``pipelines.shard``)::
+
+    <shards>/shard-000000.tar ...    WebDataset tars (one sample = <key>.json + <key>.<image suffix>)
+    <shards>/manifest.json           written last: the set is complete only when it exists
+    <shards>/quarantine.jsonl        every rejected input record with its reason
+    <shards>/_progress/              per-shard completion markers while a build runs (resume)
+
+**Feature set** (``mocha data features``; ``pipelines.features``)::
+
+    <features>/features-000000.tar   one tar per source shard, same keys and order
+    <features>/manifest.json         written last: encoders, shapes, source shard fingerprint
+    <features>/_progress/
+
+**Run directory** (``mocha train``; ``mocha.train``): ``<run.storage_path>/<run.name>/``::
+
+    checkpoint_*/                    Ray Train checkpoints (``CHECKPOINT_*`` below)
+    metrics.jsonl                    one JSON object per optimizer step, the whole run
+    export/                          the trained model (``EXPORT_*`` below) at the end of a run
+
+**Training checkpoint** (``mocha.train.checkpoint``): trainable state only, global names::
+
+    state.json                       written last: marks the checkpoint complete
+    model.safetensors                fp32 trainable weights  (CHECKPOINT_WEIGHTS_NAME)
+    optimizer.safetensors            AdamW moments
+    rng.safetensors                  every rank's torch RNG state
+    metrics.jsonl                    the metrics history up to this step
+
+**Export / pretrained directory** (``MochaModel.save_pretrained``; ``mocha.export``)::
+
+    mocha_config.json                the whole architecture
+    model.safetensors                every weight, frozen ones included (EXPORT_WEIGHTS_NAME)
+    trainable.safetensors            connectors + HGA alone: the stage-1 -> stage-2 hand-off
+    tokenizer files                  (``tokenizer.save_pretrained``)
+
+A checkpoint's ``model.safetensors`` and an export's share a file name but not a meaning; the two
+constants keep them apart in code, and ``state.json`` (only in checkpoints) vs
+``mocha_config.json`` (only in exports) tells the folders apart on disk.
+"""
+
+from __future__ import annotations
+
+# -- datasets -------------------------------------------------------------------------------------
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+PROGRESS_DIR = "_progress"
+
+# -- run directory --------------------------------------------------------------------------------
+METRICS_NAME = "metrics.jsonl"
+EXPORT_DIR = "export"
+
+# -- training checkpoint --------------------------------------------------------------------------
+CHECKPOINT_STATE_NAME = "state.json"
+CHECKPOINT_WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_OPTIMIZER_NAME = "optimizer.safetensors"
+CHECKPOINT_RNG_NAME = "rng.safetensors"
+
+# -- export / pretrained directory ----------------------------------------------------------------
+EXPORT_CONFIG_NAME = "mocha_config.json"
+EXPORT_WEIGHTS_NAME = "model.safetensors"
+TRAINABLE_NAME = "trainable.safetensors"

@@ -1,0 +1,78 @@
+"""``mocha plan JOB.yaml``: parameters, per-encoder visual tokens, memory per GPU and training time
+of a job at its real size, before paying for a run. Nothing is downloaded or run: the model is
+built on the ``meta`` device (:mod:`mocha.plan.params`), memory and time follow
+:mod:`mocha.plan.memory`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mocha.plan.memory import (DATASETS, GPUS, LLM_NAMES, README_MFU, STAGE1_TEXT_TOKENS, STAGE_DATASET,
+                               USABLE_MEMORY_FRACTION, GiB, fmt_gib, fmt_millions, memory_plan, setup_from_job, stage_seq_len_for,
+                               time_plan)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", type=Path, help="job YAML (jobs/stage1.yaml, jobs/stage2.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job field, e.g. --set scaling.num_workers=32 (repeatable)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="GPU model (default H100)")
+    parser.add_argument("--mfu", type=float, default=README_MFU, help=f"model FLOPs utilisation (default {README_MFU})")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples per epoch (default: LLaVA-558K for stage 1, LLaVA-665K for stage 2)")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help=f"text tokens per sample (default: {STAGE1_TEXT_TOKENS} for stage 1, up to max_length for stage 2)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print parameters, memory per GPU and time for a job file (nothing is downloaded or run)."""
+    from mocha.config import ConfigError
+    from mocha.plan.params import measure_model
+    from mocha.train.job import load_job
+
+    job = load_job(args.job, args.overrides)
+    if job.model.llm_experts is not None:
+        print("note: model.llm_experts (MoE layers in the LLM) are not included in this plan", file=sys.stderr)
+    try:
+        size = measure_model(job.model, lambda visual: {
+            stage_seq_len_for(visual, job.stage, job.model.max_length, args.text_tokens)})
+        setup = setup_from_job(job, size, args.text_tokens)
+    except ValueError as e:
+        raise ConfigError(f"{args.job}: {e}") from None
+    gpu = GPUS[args.gpu]
+    samples = args.samples or DATASETS[STAGE_DATASET[job.stage]]
+    mem = memory_plan(size, setup)
+    plan = time_plan(size, setup, gpu, args.mfu, samples)
+    usable = gpu.memory_gib * GiB * USABLE_MEMORY_FRACTION
+    rows = [
+        ("parameters: encoders / connectors / HGA / LLM",
+         f"{fmt_millions(size.encoder_params)} / {fmt_millions(size.connector_params)} / {fmt_millions(size.hga_params)} / {fmt_millions(size.llm.params)}"),
+        ("trainable parameters", fmt_millions(size.trainable_params(setup.stage))),
+        ("tokens per sample (visual + text)", f"{setup.seq_len:,} ({size.visual_tokens:,} visual)"),
+        ("GPUs / ep_size / micro-batch", f"{setup.num_gpus} / {setup.ep_size} / {setup.micro_batch}"),
+        ("encoders on the trainers", "yes" if setup.encoders_online else "no (feature shards)"),
+        ("GiB per GPU: frozen / trainable weights", f"{fmt_gib(mem.frozen_weights)} / {fmt_gib(mem.trainable_weights)}"),
+        ("GiB per GPU: gradients / Adam states", f"{fmt_gib(mem.gradients)} / {fmt_gib(mem.optimizer)}"),
+        ("GiB per GPU: activations (micro-batch)",
+         f"{fmt_gib(mem.micro_batch * mem.activations_per_sample)}"
+         f" ({'with' if setup.gradient_checkpointing else 'no'} gradient checkpointing)"),
+        (f"GiB per GPU: total / usable on {gpu.name}", f"{fmt_gib(mem.total)} / {fmt_gib(usable)}"),
+        ("largest micro-batch that fits", str(mem.max_micro_batch(gpu))),
+        ("TFLOP per sample", f"{plan.flops_per_sample / 1e12:,.2f}"),
+        (f"step time at {args.mfu:.0%} MFU", f"{plan.step_seconds:,.2f} s x {plan.steps_per_epoch:,} steps/epoch"),
+        (f"one epoch of {samples:,} samples", f"{plan.epoch_hours:,.1f} h, {plan.gpu_hours:,.0f} GPU-hours"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"plan for {args.job} (stage {job.stage}, {LLM_NAMES.get(size.llm.family, size.llm.family)})")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    if mem.total > usable:
+        print(f"warning: {fmt_gib(mem.total)} GiB per GPU exceeds the usable {fmt_gib(usable)} GiB: lower "
+              f"schedule.micro_batch_size to {mem.max_micro_batch(gpu)} or enable gradient checkpointing",
+              file=sys.stderr)
+    if setup.seq_len > size.llm.max_positions:
+        print(f"warning: {setup.seq_len} tokens per sample exceed the LLM's {size.llm.max_positions} positions",
+              file=sys.stderr)
+    return 0
