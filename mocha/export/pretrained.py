@@ -4,9 +4,9 @@ A *pretrained directory* holds ``mocha_config.json`` (self-contained: every sub-
 architecture), ``model.safetensors`` (all weights) and the tokenizer files; loading it needs
 only ``mocha`` and transformers. Training writes one per run (``<run>/export``).
 
-A *training checkpoint* (``mocha.train.checkpoint``) holds ``model.safetensors`` with the
-trainable parameters only (fp32, global names, experts gathered), ``optimizer.safetensors`` and
-``state.json``; it has no config and no frozen weights. :func:`export_pretrained` turns one into
+A *training checkpoint* (``mocha.train.checkpoint``) holds the trainable parameters only (fp32,
+global names, sharded by the ranks that wrote it, with ``index.json`` and ``state.json``); it has
+no config and no frozen weights. :func:`export_pretrained` turns one into
 a pretrained directory by overlaying its weights on a *base* pretrained directory — the run's
 own export, or the stage-1 export for a stage-2 checkpoint — whose frozen parts and tokenizer
 are kept.
@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from mocha.config import ConfigError
-from mocha.io.layout import (CHECKPOINT_STATE_NAME, CHECKPOINT_WEIGHTS_NAME, EXPORT_CONFIG_NAME,
-                             EXPORT_WEIGHTS_NAME)
+from mocha.io.layout import CHECKPOINT_INDEX_NAME, CHECKPOINT_STATE_NAME, EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME
 
 
 def is_pretrained_dir(directory: str | Path) -> bool:
@@ -32,7 +31,7 @@ def is_pretrained_dir(directory: str | Path) -> bool:
 
 def is_checkpoint_dir(directory: str | Path) -> bool:
     directory = Path(directory)
-    return ((directory / CHECKPOINT_STATE_NAME).is_file() and (directory / CHECKPOINT_WEIGHTS_NAME).is_file()
+    return ((directory / CHECKPOINT_STATE_NAME).is_file() and (directory / CHECKPOINT_INDEX_NAME).is_file()
             and not (directory / EXPORT_CONFIG_NAME).exists())
 
 
@@ -56,10 +55,10 @@ def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
     """Copy a training checkpoint's weights into ``model`` by exact name; returns the names.
     Every checkpoint tensor must name a parameter or buffer of the model with the same shape
     (``ConfigError`` otherwise: the checkpoint does not belong to this base model)."""
-    from safetensors.torch import load_file
+    from mocha.train.checkpoint import read_trainable_weights
 
-    path = Path(checkpoint_dir) / CHECKPOINT_WEIGHTS_NAME
-    state = load_file(str(path))
+    path = str(checkpoint_dir)
+    state = read_trainable_weights(path)
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
     if unknown:

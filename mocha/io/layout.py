@@ -18,17 +18,18 @@ module in brackets writes; readers import the names from here, never spell them 
 
 **Run directory** (``mocha train``; ``mocha.train``): ``<run.storage_path>/<run.name>/``::
 
-    checkpoint_*/                    Ray Train checkpoints (``CHECKPOINT_*`` below)
+    checkpoints/step-XXXXXXXX/       training checkpoints (``CHECKPOINT_*`` below)
     metrics.jsonl                    one JSON object per optimizer step, the whole run
     export/                          the trained model (``EXPORT_*`` below) at the end of a run
 
-**Training checkpoint** (``mocha.train.checkpoint``): trainable state only, global names::
+**Training checkpoint** (``mocha.train.checkpoint``): ``<run dir>/checkpoints/step-00000500/``,
+trainable state only, sharded by the ranks that wrote it, named globally::
 
-    state.json                       written last: marks the checkpoint complete
-    model.safetensors                fp32 trainable weights  (CHECKPOINT_WEIGHTS_NAME)
-    optimizer.safetensors            AdamW moments
+    shards/shard-00003-of-00016.safetensors   one per rank: its fragments of weights and moments
+    index.json                       global shapes and which shard holds which range of each tensor
     rng.safetensors                  every rank's torch RNG state
     metrics.jsonl                    the metrics history up to this step
+    state.json                       written last: marks the checkpoint complete
 
 **Export / pretrained directory** (``MochaModel.save_pretrained``; ``mocha.export``)::
 
@@ -37,9 +38,8 @@ module in brackets writes; readers import the names from here, never spell them 
     trainable.safetensors            connectors + HGA alone: the stage-1 -> stage-2 hand-off
     tokenizer files                  (``tokenizer.save_pretrained``)
 
-A checkpoint's ``model.safetensors`` and an export's share a file name but not a meaning; the two
-constants keep them apart in code, and ``state.json`` (only in checkpoints) vs
-``mocha_config.json`` (only in exports) tells the folders apart on disk.
+``state.json`` (only in checkpoints) vs ``mocha_config.json`` (only in exports) tells the two
+kinds of model folder apart on disk.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ METRICS_NAME = "metrics.jsonl"
 EXPORT_DIR = "export"
 
 # -- training checkpoint --------------------------------------------------------------------------
+CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE_NAME = "state.json"
-CHECKPOINT_WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_OPTIMIZER_NAME = "optimizer.safetensors"
+CHECKPOINT_INDEX_NAME = "index.json"
+CHECKPOINT_SHARDS_DIR = "shards"
 CHECKPOINT_RNG_NAME = "rng.safetensors"
 
 # -- export / pretrained directory ----------------------------------------------------------------

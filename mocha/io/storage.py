@@ -171,3 +171,30 @@ def upload_file(local_path: str | Path, url: str) -> None:
     """Atomically copy a local file to ``url`` (local or S3)."""
     with open(local_path, "rb") as src, atomic_writer(url) as dst:
         shutil.copyfileobj(src, dst, _COPY_CHUNK)
+
+
+def read_range(url: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``url`` from ``offset`` (one ranged GET on S3, a seek locally)."""
+    fs, path = resolve_filesystem(url)
+    try:
+        with fs.open_input_file(path) as f:
+            data = f.read_at(length, offset)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {url}") from None
+    if len(data) != length:
+        raise OSError(f"{url}: wanted {length} bytes at {offset}, the file holds {len(data)} there (truncated?)")
+    return data
+
+
+def list_dirs(url: str) -> list[str]:
+    """Sorted URLs of the folders directly inside ``url`` (S3: common prefixes); [] if none."""
+    fs, path = resolve_filesystem(url)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return [join_url(url, n) for n in sorted(basename(i.path) for i in infos if i.type == pafs.FileType.Directory)]
+
+
+def delete_tree(url: str) -> None:
+    """Remove a folder and everything in it; a missing folder is not an error."""
+    fs, path = resolve_filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)

@@ -50,11 +50,13 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
 
 def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
-    """Train one stage. Resumes from the latest checkpoint in the run's storage path when the
-    same job is rerun (Ray Train's own resume), or from ``resume_from`` when given."""
+    """Train one stage. Resumes from the newest complete checkpoint in the run's storage path when
+    the same job is rerun or Ray Train restarts the workers after a failure, or from
+    ``resume_from`` (a checkpoint folder, e.g. of another run) when it is further along."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from mocha.train.checkpoint import latest_checkpoint
     from mocha.train.loop import train_func
     from mocha.io.storage import is_s3, join_url, resolve_filesystem
 
@@ -78,14 +80,13 @@ def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
             name=job.run.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
         ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    checkpoint = result.checkpoint.path if result.checkpoint else None
     run_dir = job.run_dir
+    checkpoint = latest_checkpoint(run_dir)
     print(json.dumps({"run_dir": run_dir, "checkpoint": checkpoint, "final_metrics": result.metrics}, default=str))
     return RunResult(run_dir, checkpoint, dict(result.metrics or {}), join_url(run_dir, EXPORT_DIR))

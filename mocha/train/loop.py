@@ -2,9 +2,9 @@
 
     state = TrainState()                          # step, samples consumed, data position
     run = build_engine(job, ctx)                  # model (+ stage-1 hand-off), DeepSpeed engine, schedule
-    restore(run, state, checkpoint)               # latest checkpoint, if any
+    restore(run, state, find_checkpoint(...))     # the run's newest complete checkpoint, if any
     for each step: train_step(run, batches)       # forward/backward every micro-batch, optimizer step
-                   save(run, state) every N steps # checkpoint, metrics, report to Ray Train; export at the end
+                   save(run, state) every N steps # sharded checkpoint, metrics, report; export at the end
 
 The model is built without the frozen encoders when training from feature shards. The next steps'
 micro-batches are read, decoded and collated on a background thread (``data.prefetch_batches``
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -129,21 +128,42 @@ def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
     return Run(job, rank, world, device, tokenizer, model, engine, plan, steps, MetricsLog(job, rank))
 
 
-def restore(run: Run, state: TrainState, checkpoint) -> None:
-    """Load ``checkpoint`` (a ``ray.train.Checkpoint`` or None) into the engine and ``state``."""
+def find_checkpoint(run: Run, resume_from: str | None) -> str | None:
+    """The checkpoint to start from: the run's newest complete one (torn ones skipped with a log
+    line), or ``resume_from`` when it is further along (a first start from another run's
+    checkpoint; a restart after a failure then continues from this run's own newer ones).
+    Rank 0 decides; every rank gets its answer."""
+    from mocha.train.checkpoint import latest_checkpoint, read_checkpoint_state
+
+    def step_of(url: str) -> int:
+        return int(read_checkpoint_state(url)["extra_state"].get("step", 0))
+
+    choice = ""
+    if run.rank == 0:
+        latest = latest_checkpoint(run.job.run_dir)
+        candidates = [u for u in (latest, resume_from) if u]
+        choice = max(candidates, key=step_of) if candidates else ""
+    if torch.distributed.is_initialized():
+        box = [choice]
+        torch.distributed.broadcast_object_list(box, src=0)  # a short string from rank 0
+        choice = box[0]
+    return choice or None
+
+
+def restore(run: Run, state: TrainState, url: str | None) -> None:
+    """Load the checkpoint at ``url`` (None: a fresh start) into the engine and ``state``."""
     from mocha.train import checkpoint as ckpt
 
-    if checkpoint is None:
+    if url is None:
         return
-    with checkpoint.as_directory() as directory:
-        saved = TrainState.from_dict(ckpt.load_checkpoint(run.engine, run.model, directory))
-        run.metrics.restore(directory)
+    saved = TrainState.from_dict(ckpt.load_checkpoint(run.engine, run.model, url))
+    run.metrics.restore(url)
     if saved.num_streams != state.num_streams:
         raise ValueError(f"checkpoint was written with {saved.num_streams} data streams, this job "
                          f"has {state.num_streams}: keep data.num_streams when resuming")
     state.step, state.samples_per_stream = saved.step, saved.samples_per_stream
     if run.rank == 0:
-        print(f"[mocha] resumed at step {state.step}/{run.total_steps} from {checkpoint.path}")
+        print(f"[mocha] resumed at step {state.step}/{run.total_steps} from {url}", flush=True)
 
 
 def rank_batches(run: Run, state: TrainState):
@@ -206,19 +226,28 @@ def dummy_features(model, device) -> dict[str, torch.Tensor]:
 
 
 def save(run: Run, state: TrainState, record: dict, final: bool) -> None:
-    """Checkpoint (every rank takes part), metrics history, export at the end, and one report
-    to Ray Train carrying the checkpoint."""
+    """Sharded checkpoint straight to the run's storage (every rank writes its share), metrics
+    history, export at the end, old checkpoints pruned, one report to Ray Train."""
     import ray.train
 
     from mocha.train import checkpoint as ckpt
 
-    with tempfile.TemporaryDirectory(prefix="mocha-ckpt-") as directory:
-        ckpt.save_checkpoint(run.engine, run.model, directory, state.to_dict())
-        if run.rank == 0:
-            run.metrics.write(directory)
-        if final:
-            export_model(run)
-        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory) if run.rank == 0 else None)
+    url = ckpt.checkpoint_url(run.job.run_dir, state.step)
+    if run.rank == 0:
+        run.metrics.write(url)  # before the marker: a complete checkpoint has its history
+    stats = ckpt.save_checkpoint(run.engine, run.model, url, state.to_dict())
+    record.update(stats.as_metrics())
+    if run.rank == 0:
+        run.metrics.records[-1].update(stats.as_metrics())
+        run.metrics.write()  # the run's metrics.jsonl with this save's cost
+        print(f"[mocha] checkpoint step {state.step}: {stats.bytes / 1e6:,.1f} MB in {stats.seconds:.1f} s "
+              f"({stats.bytes / 1e6 / max(stats.seconds, 1e-9):,.0f} MB/s, largest shard "
+              f"{stats.rank_bytes_max / 1e6:,.1f} MB) -> {url}", flush=True)
+        for gone in ckpt.prune_checkpoints(run.job.run_dir, run.job.checkpoint.keep):
+            print(f"[mocha] removed old checkpoint {gone}", flush=True)
+    if final:
+        export_model(run)
+    ray.train.report(record)
 
 
 def export_model(run: Run) -> None:
@@ -242,10 +271,7 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     run = build_engine(job, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     state = TrainState(num_streams=job.num_streams, world_size=run.world, stage=job.stage)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
-    restore(run, state, checkpoint)
+    restore(run, state, find_checkpoint(run, config.get("resume_from")))
 
     with StepPrefetcher(rank_batches(run, state), depth=job.data.prefetch_batches,
                         total=run.total_steps - state.step) as prefetched:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -84,15 +83,19 @@ class MetricsLog:
                       flush=True)
         return record
 
-    def write(self, directory: str | Path) -> None:
-        """Write the history into a checkpoint dir and to the run dir on storage (rank 0)."""
+    def write(self, checkpoint_url: str | None = None) -> None:
+        """Write the history to the run dir and, when given, into a checkpoint folder (rank 0;
+        local or s3://)."""
         from mocha.io import storage
 
-        text = "".join(json.dumps(r) + "\n" for r in self.records)
-        Path(directory, METRICS_NAME).write_text(text)
-        storage.write_bytes(storage.join_url(self.job.run_dir, METRICS_NAME), text.encode())
+        text = "".join(json.dumps(r) + "\n" for r in self.records).encode()
+        if checkpoint_url is not None:
+            storage.write_bytes(storage.join_url(checkpoint_url, METRICS_NAME), text)
+        storage.write_bytes(storage.join_url(self.job.run_dir, METRICS_NAME), text)
 
-    def restore(self, directory: str | Path) -> None:
-        path = Path(directory, METRICS_NAME)
-        if path.exists():
-            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    def restore(self, checkpoint_url: str) -> None:
+        from mocha.io import storage
+
+        url = storage.join_url(checkpoint_url, METRICS_NAME)
+        if storage.exists(url):
+            self.records = [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]

@@ -142,11 +142,15 @@ def test_two_ranks_resume_on_one_and_on_two(tmp_path: Path):
         assert torch.equal(v, reference[1][1][k])
 
     files = sorted(p.name for p in Path(ckpt).iterdir())
-    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
-    from safetensors.torch import load_file
+    assert files == ["index.json", "rng.safetensors", "shards", "state.json"]
+    assert sorted(p.name for p in Path(ckpt, "shards").iterdir()) == [
+        "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    from mocha.train.checkpoint import read_trainable_weights
 
-    saved = load_file(f"{ckpt}/model.safetensors")
+    saved = read_trainable_weights(ckpt)
     assert "frozen.weight" not in saved and "connector.experts.3.2.bias" in saved and "connector.gate.weight" in saved
+    for k, v in reference[0][1].items():  # the shards hold the weights at the save point, in global names
+        assert saved[k].shape == v.shape
 
     # same world size: bitwise the same continuation
     same = run_distributed(run_phase, 2, 2, ckpt, None, 0, 3)
