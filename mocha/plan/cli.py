@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mocha.plan.memory import (DATASETS, GPUS, LLM_NAMES, README_MFU, STAGE1_TEXT_TOKENS, STAGE_DATASET,
+from mocha.plan.memory import (CHECKPOINT_RANK_WRITE_BYTES_PER_S, DATASETS, GPUS, LLM_NAMES, README_MFU,
+                               STAGE1_TEXT_TOKENS, STAGE_DATASET, checkpoint_bytes, checkpoint_save_seconds,
                                USABLE_MEMORY_FRACTION, GiB, fmt_gib, fmt_millions, memory_plan, setup_from_job, stage_seq_len_for,
                                time_plan)
 
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
          f" ({'with' if setup.gradient_checkpointing else 'no'} gradient checkpointing)"),
         (f"GiB per GPU: total / usable on {gpu.name}", f"{fmt_gib(mem.total)} / {fmt_gib(usable)}"),
         ("largest micro-batch that fits", str(mem.max_micro_batch(gpu))),
+        ("checkpoint: all shards / per GPU",
+         f"{fmt_gib(checkpoint_bytes(size, setup.stage))} / {fmt_gib(checkpoint_bytes(size, setup.stage) / setup.num_gpus)} GiB, "
+         f"~{checkpoint_save_seconds(size, setup):,.1f} s a save at {CHECKPOINT_RANK_WRITE_BYTES_PER_S / 1e9:g} GB/s per GPU"),
         ("TFLOP per sample", f"{plan.flops_per_sample / 1e12:,.2f}"),
         (f"step time at {args.mfu:.0%} MFU", f"{plan.step_seconds:,.2f} s x {plan.steps_per_epoch:,} steps/epoch"),
         (f"one epoch of {samples:,} samples", f"{plan.epoch_hours:,.1f} h, {plan.gpu_hours:,.0f} GPU-hours"),

@@ -201,9 +201,20 @@ class TimePlan:
 
 
 def checkpoint_bytes(size: ModelSize, stage: int) -> int:
-    """One consolidated checkpoint (mocha.train.checkpoint): the trainable parameters in fp32 and
-    AdamW's two fp32 moments; frozen weights are not saved."""
+    """One checkpoint (mocha.train.checkpoint), all shards together: the trainable parameters in
+    fp32 and AdamW's two fp32 moments; frozen weights are not saved. Each of the N ranks writes
+    about 1/N of it, in parallel."""
     return (4 + 4 + 4) * size.trainable_params(stage)
+
+
+#: Write bandwidth one rank is assumed to reach to S3 (single stream, multipart): a conservative
+#: figure for an 8-GPU node sharing a 25-100 Gbit/s NIC between its 8 writers.
+CHECKPOINT_RANK_WRITE_BYTES_PER_S = 0.5e9
+
+
+def checkpoint_save_seconds(size: ModelSize, setup: TrainSetup) -> float:
+    """Seconds a save stalls training: every rank writes its 1/N share in parallel."""
+    return checkpoint_bytes(size, setup.stage) / setup.num_gpus / CHECKPOINT_RANK_WRITE_BYTES_PER_S
 
 
 def flops_per_sample(size: ModelSize, setup: TrainSetup) -> int:

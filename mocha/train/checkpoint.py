@@ -218,18 +218,26 @@ def _link_optimizer_state(engine) -> None:
 
 
 @torch.no_grad()
+def _flat_params(engine) -> list[Tensor]:
+    """The fp32 tensors the torch optimizer steps. ZeRO-3 keeps them outside the optimizer's
+    param groups between steps (it puts each sub-group in only for its ``step``)."""
+    z3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if z3 is not None:
+        return list(z3)
+    return [flat for group in _base_optimizer(engine).param_groups for flat in group["params"]]
+
+
 def _init_optimizer_state(engine, step: int) -> None:
     """Create AdamW's state (zeros at ``step``) where the optimizer has not stepped yet, set the
     step count everywhere, and link DeepSpeed's fragment views to it (``_link_optimizer_state``)."""
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for flat in group["params"]:
-            state = base.state[flat]
-            if not state:
-                state.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat),
-                             exp_avg_sq=torch.zeros_like(flat))
-            else:
-                state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
+    for flat in _flat_params(engine):
+        state = base.state[flat]
+        if not state:
+            state.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat),
+                         exp_avg_sq=torch.zeros_like(flat))
+        else:
+            state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
     _link_optimizer_state(engine)
 
 

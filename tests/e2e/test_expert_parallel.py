@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist_utils import run_distributed
+from mocha.parallel.local_ranks import run_distributed
 
 IN, OUT, E, TOP_K, B, N = 8, 6, 4, 2, 3, 5
 TOL = dict(atol=1e-6, rtol=1e-6)

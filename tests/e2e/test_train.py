@@ -61,9 +61,7 @@ def _metrics(run_dir) -> list[dict]:
 
 def _checkpoints(run_dir) -> dict[int, Path]:
     out = {}
-    for d in Path(run_dir).glob("checkpoint_*"):
-        if not d.is_dir():
-            continue
+    for d in Path(run_dir, "checkpoints").glob("step-*"):
         state = json.loads((d / "state.json").read_text())
         out[state["extra_state"]["step"]] = d
     return out
@@ -100,6 +98,10 @@ def test_stage1_trains_only_the_connectors_and_loss_goes_down(stage1):
     # all experts of every connector were gathered from both expert-parallel ranks
     assert {f"connectors.clip.experts.{i}.0.weight" for i in range(4)} <= set(exported)
     assert len(_checkpoints(result.run_dir)) == 2  # steps 3 and 6 (keep=2)
+    # each save's cost is recorded at its step: bytes of all shards, the largest shard, seconds
+    saves = [r for r in records if "checkpoint_bytes" in r]
+    assert [r["step"] for r in saves] == [3, 6]
+    assert all(r["checkpoint_bytes"] > r["checkpoint_rank_bytes_max"] > 0 and r["checkpoint_seconds"] > 0 for r in saves)
 
 
 def test_stage2_from_features_on_s3_resumes_by_rerun(stage1, workspace, s3_bucket):
@@ -175,7 +177,7 @@ def test_killed_worker_restarts_from_checkpoint_with_identical_final_weights(sta
     def killer():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            if any(run_dir.glob("checkpoint_*/state.json")):
+            if any(run_dir.glob("checkpoints/step-*/state.json")):
                 # only this test's cluster: ray.init started its raylet, whose workers descend
                 # from this process (never another session's Ray workers on a shared machine)
                 for proc in psutil.Process(os.getpid()).children(recursive=True):

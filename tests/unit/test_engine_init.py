@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.dist_utils import run_distributed
+from mocha.parallel.local_ranks import run_distributed
 
 
 class _Model(nn.Module):

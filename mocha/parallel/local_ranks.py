@@ -1,4 +1,5 @@
-"""Run a test body on N local processes joined in a gloo process group on 127.0.0.1 (no Ray).
+"""Run a function on N local processes joined in a gloo process group on 127.0.0.1 (no Ray):
+the multi-rank test bed of the distributed tests and the checkpoint benchmark.
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes with
 ``torch.multiprocessing``; rank ``r`` runs ``fn(rank, world_size, *args)`` after
