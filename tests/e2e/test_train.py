@@ -50,7 +50,8 @@ def _job(workspace, stage: int, name: str, **updates):
               "checkpoint": job.checkpoint.model_copy(update={"every_steps": 3})}
     for key, value in updates.items():
         section = getattr(job, key)
-        update[key] = section.model_copy(update=value) if hasattr(section, "model_copy") else value
+        update[key] = (type(section).model_validate({**section.model_dump(), **value})
+                       if hasattr(section, "model_dump") else value)
     return type(job).model_validate({**job.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v)
                                                              for k, v in update.items()}})
 
