@@ -23,8 +23,11 @@ group and across groups. Three forms, chosen by ``HGAConfig.mode``:
     found by scanning block maxima of those rows instead of sorting every row
     (``_BlockedRows``), and the chosen edges are aggregated as an edge list by weighted gathers
     (``embedding_bag``), the reversed edges grouped by a sort, instead of a dense ``N x N``
-    adjacency and matmul. Peak memory is one group's similarity rows, ``B * |g| * N`` float32
-    (``chunk_size`` images at a time bounds it further). What depends only on the groups (their
+    adjacency and matmul. An edge chosen in both directions gets one score for both (the
+    matmul cells of ``s_ij`` and ``s_ji`` may round differently, and the min-max
+    normalisation's 1e-8 turns a last-bit gap at the lowest score into an O(1) change).
+    Peak memory is one group's similarity rows, ``B * |g| * N`` float32 (``chunk_size``
+    images at a time bounds it further). What depends only on the groups (their
     order, padding, per-token neighbour caps, the edge rows) is a ``GroupLayout``, computed once
     per module. It computes in float32 whatever the input dtype (the min-max normalisation's
     1e-8 is meaningless in bf16) and returns the input dtype.
@@ -209,8 +212,8 @@ def _chosen_edges(unit: Tensor, temperature: Tensor, layout: GroupLayout) -> tup
     coordinate, 1 on the rows and ``padding_score`` on the columns (0 for tokens), so the same
     matmul puts the padding columns below every cosine (the added term is an exact zero for
     token columns). The temperature is positive, so it scales only the chosen cosines (the same
-    rounding as scaling all of them, and ``s_ij`` stays bitwise equal to ``s_ji``, which the
-    min-max normalisation's 1e-8 makes matter).
+    rounding as scaling all of them). ``s_ij`` and ``s_ji`` come from different cells of the
+    matmuls and may differ in the last bit; ``_symmetric_pair_scores`` makes them equal.
     """
     batch = unit.shape[0]
     rows = torch.cat((unit, unit.new_ones(unit.shape[:-1]).unsqueeze(-1)), dim=-1)  # [B, N, D + 1]
@@ -277,6 +280,40 @@ class _BlockedRows:
         return values, subs.gather(1, position // _SUB_BLOCK) * _SUB_BLOCK + position % _SUB_BLOCK
 
 
+def _symmetric_pair_scores(scores: Tensor, neighbours: Tensor, layout: GroupLayout) -> Tensor:
+    """Scores [B, E] with every edge chosen in both directions (``i -> j`` and ``j -> i``) given one
+    value, the mean of its two, bitwise the same both ways (``a + b == b + a`` in floating point).
+
+    ``s_ij = s_ji`` by definition, but the two are computed in different cells of the similarity
+    matmuls (one per group; a GEMM does not promise the same rounding for every cell, and on
+    MKL a 2-row and a 3-row product round differently), so they can differ in the last bit. The
+    min-max normalisation turns that into an O(1) error: when the pair is the image's lowest
+    chosen score both weights must be exactly 0, so a token whose only edges are that pair gets
+    ``x_agg = 0``; one ulp apart, one weight is ~6e-8 and ``x_agg = w x_j / (w + 1e-8)`` is
+    ~0.86 ``x_j``. Edges chosen one way only keep their score (``(s + s) / 2 == s``).
+
+    The two directions of a pair are found by one sort of the unordered-pair keys
+    ``(image, min(i, j), max(i, j))``: a token never picks the same neighbour twice, so a key
+    occurs at most twice, and the two occurrences end up side by side.
+    """
+    batch, num_edges = scores.shape
+    num_tokens = layout.row_starts.numel()
+    key_range = batch * num_tokens * num_tokens
+    key_dtype = torch.int32 if key_range < 2**31 else torch.int64  # int32: a faster sort
+    rows = layout.edge_rows.to(key_dtype).expand_as(neighbours)
+    cols = neighbours.to(key_dtype)
+    image = torch.arange(batch, device=scores.device, dtype=key_dtype)[:, None] * (num_tokens * num_tokens)
+    keys = (image + torch.minimum(rows, cols) * num_tokens + torch.maximum(rows, cols)).flatten()
+    sorted_keys, order = keys.sort()
+    sorted_scores = scores.flatten().index_select(0, order)
+    same_as_next = sorted_keys[1:] == sorted_keys[:-1]
+    no = same_as_next.new_zeros(1)
+    partner = torch.where(torch.cat((same_as_next, no)), sorted_scores.roll(-1), sorted_scores)
+    partner = torch.where(torch.cat((no, same_as_next)), sorted_scores.roll(1), partner)
+    paired = (sorted_scores + partner) * 0.5
+    return torch.zeros_like(scores).flatten().scatter(0, order, paired).view(batch, num_edges)
+
+
 def _aggregate(xf: Tensor, neighbours: Tensor, weight: Tensor, layout: GroupLayout) -> Tensor:
     """``x_agg_i = sum_j w_ij x_j / (sum_j w_ij + eps)`` over the chosen edges and their reverses.
 
@@ -312,6 +349,7 @@ def _graph_chunk(x: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor]:
     temperature = torch.exp(1.0 / norms.mean(dim=(1, 2)))  # [B]
     unit = xf / norms.clamp_min(1e-12)  # F.normalize, reusing the norms
     scores, neighbours = _chosen_edges(unit, temperature, layout)
+    scores = _symmetric_pair_scores(scores, neighbours, layout)
     low, high = scores.amin(dim=1, keepdim=True), scores.amax(dim=1, keepdim=True)
     weight = (scores - low) / (high - low + _EPS)  # min-max over all chosen edges of each image
     x_agg = _aggregate(xf, neighbours, weight, layout)

@@ -15,6 +15,7 @@ from mocha.model.hga import (
     GroupLayout,
     NoHGA,
     _chosen_edges,
+    _symmetric_pair_scores,
     build_hga,
     group_ids_from_sizes,
     hga_graph,
@@ -139,6 +140,62 @@ def test_chosen_edges_with_tied_similarities_are_distinct_and_the_top_k():
                 assert bool(allowed[picked[b]].all()), (kind, token)
                 expected = dense[b, token].masked_fill(~allowed, float("-inf")).topk(count).values
                 torch.testing.assert_close(scores[b, first:first + count].sort(descending=True).values, expected)
+
+
+def test_edges_chosen_both_ways_get_one_score():
+    """s_ij = s_ji, but the matmul cells they come from may round differently: an edge chosen in
+    both directions must get one bitwise-equal score (else a 1-ulp gap at the image's lowest score
+    becomes an O(1) error after min-max normalisation); edges chosen one way keep theirs."""
+    torch.manual_seed(13)
+    group_ids = group_ids_from_sizes([2, 3, 4])
+    layout = GroupLayout.from_group_ids(group_ids, k=3, intra_share=0.7)  # intra 2, inter 1
+    unit = F.normalize(torch.randn(4, 9, 5), dim=-1)
+    scores, neighbours = _chosen_edges(unit, torch.ones(4), layout)
+    skewed = scores.clone()
+    skewed[:, ::2] = torch.nextafter(scores[:, ::2], torch.full_like(scores[:, ::2], 2.0))  # every other edge 1 ulp up
+    fixed = _symmetric_pair_scores(skewed, neighbours, layout)
+    edges = [
+        {(int(i), int(j)): e for e, (i, j) in enumerate(zip(layout.edge_rows, neighbours[b]))} for b in range(4)
+    ]
+    mutual_count = 0
+    for b, by_pair in enumerate(edges):
+        for (i, j), e in by_pair.items():
+            if (j, i) in by_pair:
+                mutual_count += 1
+                assert fixed[b, e].item() == fixed[b, by_pair[(j, i)]].item(), (b, i, j)
+                torch.testing.assert_close(fixed[b, e], scores[b, e])  # still the pair's score
+            else:
+                assert fixed[b, e].item() == skewed[b, e].item(), (b, i, j)
+    assert 0 < mutual_count < sum(len(by_pair) for by_pair in edges)  # both kinds were exercised
+
+
+def test_a_token_whose_only_edges_are_the_lowest_pair_gets_no_aggregate():
+    """Groups [2, 3] with all k inside groups: each token of group 0 has one edge, to the other,
+    chosen both ways. Where that pair is the image's lowest score its weights are exactly 0, so
+    x_agg = 0: gate = sigmoid(10 (mean |x| - 0.2)) and out = layer_norm((1 - gate) x), however the
+    matmul cells of s_01 and s_10 round (with MKL they differed by one ulp, and the output by up
+    to 3.8)."""
+    torch.manual_seed(14)
+    images = 64
+    direction = F.normalize(torch.randn(images, 1, 8), dim=-1)
+    spread = 0.2 * torch.randn(images, 5, 8)
+    x = torch.cat([torch.cat([direction, -direction], 1) + spread[:, :2], direction + spread[:, 2:]], 1)
+    x = x * torch.empty(images, 1, 1).uniform_(0.3, 1.5)  # group 0 nearly opposite, group 1 alike; gates < 0.95
+    group_ids = group_ids_from_sizes([2, 3])
+    out, gate = hga_graph_batched(x, group_ids, k=4, intra_share=1.0)
+    unit = F.normalize(x, dim=-1)
+    sim = unit @ unit.transpose(1, 2)
+    lowest_in_group_1 = sim[:, 2:, 2:].masked_fill(torch.eye(3, dtype=torch.bool), 2.0).amin(dim=(1, 2))
+    degenerate = sim[:, 0, 1] < lowest_in_group_1 - 1e-3
+    assert degenerate.sum() > images // 2  # the construction gives the case it is about
+    expected_gate = torch.sigmoid(10.0 * (x[:, :2].abs().mean(dim=-1) - 0.2))
+    expected_out = F.layer_norm((1 - expected_gate[..., None]) * x[:, :2], (8,))
+    torch.testing.assert_close(gate[degenerate][:, :2], expected_gate[degenerate], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[degenerate][:, :2], expected_out[degenerate], atol=1e-5, rtol=0)
+    for b in range(4):  # and the whole image against the per-edge loop
+        ref_out, ref_gate = reference_hga_graph(x[b], group_ids.tolist(), 4, 1.0)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gate[b].double(), ref_gate, atol=1e-5, rtol=0)
 
 
 def dense_hga_graph(x: torch.Tensor, group_ids: torch.Tensor, k: int, intra_share: float) -> torch.Tensor:
