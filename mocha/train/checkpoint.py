@@ -473,8 +473,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
         reason = incomplete_reason(url)
         if reason is None:
             return url
-        log.warning("skipping incomplete checkpoint %s: %s", url, reason)
-        print(f"[mocha] skipping incomplete checkpoint {url}: {reason}", flush=True)
+        log.warning("[mocha] skipping incomplete checkpoint %s: %s", url, reason)  # once: no print (see mocha.train.metrics)
     return None
 
 

@@ -3,6 +3,7 @@ loaded by exact key) and the consolidated export at the end of a run."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from mocha.config import ConfigError
 from mocha.train.job import JobConfig
 from mocha.io.layout import EXPORT_DIR, TRAINABLE_NAME
+
+log = logging.getLogger(__name__)  # runs in a Ray Train worker: not print (see mocha.train.metrics)
 
 HANDOFF_PARTS = ("connectors", "hga")
 
@@ -54,5 +57,5 @@ def save_export(job: JobConfig, model, state: dict[str, torch.Tensor], tokenizer
         tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).iterdir()):
             storage.upload_file(path, storage.join_url(url, path.name))
-    print(f"[mocha] exported the trained model to {url}")
+    log.info(f"[mocha] exported the trained model to {url}")
     return url

@@ -14,6 +14,7 @@ prefetcher has read ahead.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -25,6 +26,8 @@ import torch
 
 from mocha.train.job import JobConfig
 from mocha.train.metrics import MetricsLog, StepMetrics
+
+log = logging.getLogger(__name__)  # not print: see mocha.train.metrics
 
 
 @dataclass
@@ -163,7 +166,7 @@ def restore(run: Run, state: TrainState, url: str | None) -> None:
                          f"has {state.num_streams}: keep data.num_streams when resuming")
     state.step, state.samples_per_stream = saved.step, saved.samples_per_stream
     if run.rank == 0:
-        print(f"[mocha] resumed at step {state.step}/{run.total_steps} from {url}", flush=True)
+        log.info(f"[mocha] resumed at step {state.step}/{run.total_steps} from {url}")
 
 
 def rank_batches(run: Run, state: TrainState):
@@ -240,11 +243,11 @@ def save(run: Run, state: TrainState, record: dict, final: bool) -> None:
     if run.rank == 0:
         run.metrics.records[-1].update(stats.as_metrics())
         run.metrics.write()  # the run's metrics.jsonl with this save's cost
-        print(f"[mocha] checkpoint step {state.step}: {stats.bytes / 1e6:,.1f} MB in {stats.seconds:.1f} s "
-              f"({stats.bytes / 1e6 / max(stats.seconds, 1e-9):,.0f} MB/s, largest shard "
-              f"{stats.rank_bytes_max / 1e6:,.1f} MB) -> {url}", flush=True)
+        log.info(f"[mocha] checkpoint step {state.step}: {stats.bytes / 1e6:,.1f} MB in {stats.seconds:.1f} s "
+                 f"({stats.bytes / 1e6 / max(stats.seconds, 1e-9):,.0f} MB/s, largest shard "
+                 f"{stats.rank_bytes_max / 1e6:,.1f} MB) -> {url}")
         for gone in ckpt.prune_checkpoints(run.job.run_dir, run.job.checkpoint.keep):
-            print(f"[mocha] removed old checkpoint {gone}", flush=True)
+            log.info(f"[mocha] removed old checkpoint {gone}")
     if final:
         export_model(run)
     ray.train.report(record)

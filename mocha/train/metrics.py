@@ -14,12 +14,19 @@ all of that work.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from mocha.io.layout import METRICS_NAME
 from mocha.train.job import JobConfig
+
+#: Worker-side progress goes through logging, not print: inside a Ray Train (v2) worker,
+#: ``print`` is patched to log through the root logger *and* echo to the worker's wrapped
+#: stdout, so every printed line reached the driver twice. The root logger Ray Train configures
+#: in its workers writes each record once to the console and once to its worker log file.
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,10 +84,9 @@ class MetricsLog:
         if self.rank == 0:
             self.records.append(record)
             if step % self.job.schedule.log_every == 0:
-                print(f"[mocha] stage {self.job.stage} step {step}: loss {record['loss']:.4f} "
-                      f"(lm {record['lm_loss']:.4f}, balance {record['balance_loss']:.4f}, z {record['z_loss']:.4f}) "
-                      f"lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s data-wait {record['data_wait_fraction']:.1%}",
-                      flush=True)
+                log.info(f"[mocha] stage {self.job.stage} step {step}: loss {record['loss']:.4f} "
+                         f"(lm {record['lm_loss']:.4f}, balance {record['balance_loss']:.4f}, z {record['z_loss']:.4f}) "
+                         f"lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s data-wait {record['data_wait_fraction']:.1%}")
         return record
 
     def write(self, checkpoint_url: str | None = None) -> None:
