@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mocha.eval.records import EvalDataError
+from mocha.eval.records import EvalDataError, answer_metadata
 
 PERCEPTION_SUBTASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                        "artwork", "OCR")
@@ -187,14 +187,16 @@ def mme_to_questions(rows: list[MMEQuestion]) -> list[dict]:
 
 
 def mme_from_answers(answers: list[dict], source: str = "answers") -> list[MMEQuestion]:
-    """Answer records (``category``, ``image``, ``prompt``, ``label``, ``text``) as MME rows, in
-    record order."""
+    """Answer records (``prompt``, ``text``; ``category``, ``image``, ``label`` in ``metadata``)
+    as MME rows, in record order."""
     rows = []
     for a in answers:
-        missing = [k for k in ("category", "image", "prompt", "label", "text") if k not in a]
+        fields = {k: answer_metadata(a, k) for k in ("category", "image", "label")}
+        fields.update(prompt=a.get("prompt"), text=a.get("text"))
+        missing = [k for k, v in fields.items() if v is None]
         if missing:
             raise EvalDataError(f"{source}: answer {a.get('question_id')!r} lacks {missing} needed for MME scoring")
-        rows.append(MMEQuestion(a["category"], a["image"], a["prompt"], a["label"], a["text"]))
+        rows.append(MMEQuestion(fields["category"], fields["image"], fields["prompt"], fields["label"], fields["text"]))
     return rows
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mocha.eval.records import EvalDataError, load_questions
+from mocha.eval.records import EvalDataError, answer_metadata, load_questions
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 _NEGATIVE_WORDS = frozenset({"No", "not", "no"})
@@ -81,7 +81,7 @@ def score_pope(predictions: list[str], labels: list[str]) -> PopeScores:
     )
 
 
-def _label(record: dict, source: str) -> str:
+def pope_label(record: dict, source: str) -> str:
     label = record.get("label")
     if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
         raise EvalDataError(f"{source}: question {record.get('question_id')!r} has label {label!r}; "
@@ -94,7 +94,7 @@ def score_pope_answers(answers: list[dict], questions: list[dict] | None = None,
     """Score one split's answer records (``text`` = the model's answer).
 
     Labels come from ``questions`` joined on ``question_id`` when given (an external answer
-    file), else from each answer's own ``label`` (answers written by :mod:`mocha.eval.runner`
+    file), else from each answer's own ``label`` (in ``metadata``, where mocha's answer files
     carry it). Every question must have exactly one answer.
     """
     if questions is not None:
@@ -106,9 +106,10 @@ def score_pope_answers(answers: list[dict], questions: list[dict] | None = None,
             raise EvalDataError(f"{source}: answers do not match the questions one to one: "
                                 f"unanswered {missing[:5]}, unknown {unknown[:5]}, "
                                 f"{len(answered) - len(set(answered))} duplicates")
-        labels = [_label(by_id[a["question_id"]], source) for a in answers]
+        labels = [pope_label(by_id[a["question_id"]], source) for a in answers]
     else:
-        labels = [_label(a, source) for a in answers]
+        labels = [pope_label({"question_id": a.get("question_id"), "label": answer_metadata(a, "label")}, source)
+                  for a in answers]
     predictions = [parse_pope_answer(str(a.get("text", ""))) for a in answers]
     return score_pope(predictions, labels)
 
@@ -121,9 +122,9 @@ def split_name(path: str | Path) -> str:
     return found[0] if len(found) == 1 else stem
 
 
-def discover_pope_files(paths: list[str | Path]) -> dict[str, Path]:
-    """POPE question files by split, from files and/or folders (a folder contributes every
-    ``*.json``/``*.jsonl`` whose name contains ``pope``)."""
+def pope_files(paths: list[str | Path]) -> list[Path]:
+    """The POPE files named by ``paths``: files as given, and from each folder every
+    ``*.json``/``*.jsonl`` whose name contains ``pope``."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -135,8 +136,13 @@ def discover_pope_files(paths: list[str | Path]) -> dict[str, Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"POPE question file or folder not found: {p}")
+    return files
+
+
+def discover_pope_files(paths: list[str | Path]) -> dict[str, Path]:
+    """POPE question files by split, from files and/or folders (see :func:`pope_files`)."""
     by_split: dict[str, Path] = {}
-    for f in files:
+    for f in pope_files(paths):
         name = split_name(f)
         if name in by_split:
             raise EvalDataError(f"two POPE files for split {name!r}: {by_split[name]} and {f}")
@@ -151,7 +157,7 @@ def load_pope_splits(paths: list[str | Path]) -> dict[str, list[dict]]:
     for name, path in discover_pope_files(paths).items():
         questions = load_questions(path)
         for q in questions:
-            _label(q, str(path))
+            pope_label(q, str(path))
         groups: dict[str, list[dict]] = {}
         for q in questions:
             groups.setdefault(str(q["category"]) if "category" in q else name, []).append(q)

@@ -10,9 +10,11 @@ trained without that instruction expects).
 Prompts are left-padded into batches (the model generates after the last prompt token of
 every row), so a batch gives the same greedy answers as one question at a time.
 
-Both paths produce the same answer records, in question order (:mod:`mocha.eval.records`):
-the Ray path splits the questions into batches with ``map_batches`` over an actor pool whose
-actors each load the model once, then restores the order by question index.
+Both paths produce the same answer records (LLaVA's format, :mod:`mocha.eval.records`) in
+question order, and both can hand them over as they are generated (``iter_answers``,
+``iter_answers_with_ray``): the Ray path splits the questions into batches with ``map_batches``
+over an actor pool whose actors each load the model once, and releases answers in question
+order as soon as every earlier one has arrived.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from mocha.eval.records import SHORT_ANSWER_INSTRUCTION, answer_record
 from mocha.text.conversation import IMAGE_TOKEN, tokenize_prompt
 
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+SHORT_ANSWER_SUFFIX = "\n" + SHORT_ANSWER_INSTRUCTION
 
 
 @dataclass(frozen=True)
@@ -112,17 +115,22 @@ class VisualQuestionAnswerer:
                                       pad_token_id=self.tokenizer.pad_token_id)
         return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
 
+    def iter_answers(self, questions: Sequence[dict], image_root: str | Path) -> Iterator[dict]:
+        """Answer records for ``questions``, in order, yielded batch by batch as generated."""
+        for batch in _batches(questions, self.options.batch_size):
+            images = [open_image(image_root, q) for q in batch]
+            texts = self.answer_images(images, [self.question_prompt(q["text"]) for q in batch])
+            yield from (answer_record(q, text, self.options.model_id) for q, text in zip(batch, texts))
+
     def answer(self, questions: Sequence[dict], image_root: str | Path, progress: bool = False) -> list[dict]:
-        """Answer records for ``questions`` (in order), batch by batch."""
+        """Answer records for ``questions`` (in order)."""
         from tqdm import tqdm
 
         records: list[dict] = []
-        with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
-            for batch in _batches(questions, self.options.batch_size):
-                images = [open_image(image_root, q) for q in batch]
-                texts = self.answer_images(images, [self.question_prompt(q["text"]) for q in batch])
-                records += [answer_record(q, text, self.options.model_id) for q, text in zip(batch, texts)]
-                bar.update(len(batch))
+        with tqdm(total=len(questions), desc="answering", unit=" questions", disable=not progress) as bar:
+            for record in self.iter_answers(questions, image_root):
+                records.append(record)
+                bar.update()
         return records
 
 
@@ -134,15 +142,6 @@ def open_image(image_root: str | Path, question: dict):
         raise FileNotFoundError(f"question {question['question_id']!r}: image {path} not found")
     with Image.open(path) as image:
         return image.convert("RGB")
-
-
-def answer_record(question: dict, answer: str, model_id: str) -> dict:
-    """LLaVA's answer record (``question_id``, ``prompt``, ``text``, ``model_id``) plus every
-    other field of the question passed through (``label``, ``category``, ``image``, ...)."""
-    record = {"question_id": question["question_id"], "prompt": question["text"], "text": answer,
-              "model_id": model_id}
-    record.update((k, v) for k, v in question.items() if k not in record)
-    return record
 
 
 # ----------------------------------------------------------------------------- Ray Data
@@ -164,17 +163,17 @@ class _AnswerActor:
         return {"index": batch["index"], "answer": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
-def answer_with_ray(model_dir: str | Path, questions: Sequence[dict], image_root: str | Path,
-                    options: AnswerOptions = AnswerOptions(), concurrency: int = 1, num_cpus: float = 1,
-                    num_gpus: float = 0, progress: bool = False) -> list[dict]:
-    """The answers of :meth:`VisualQuestionAnswerer.answer`, computed on the running Ray cluster
-    by ``concurrency`` actors (each with ``num_cpus``/``num_gpus``) that load ``model_dir``
-    (a pretrained directory every node can read) once each."""
+def iter_answers_with_ray(model_dir: str | Path, questions: Sequence[dict], image_root: str | Path,
+                          options: AnswerOptions = AnswerOptions(), concurrency: int = 1, num_cpus: float = 1,
+                          num_gpus: float = 0) -> Iterator[dict]:
+    """The answers of :meth:`VisualQuestionAnswerer.iter_answers`, computed on the running Ray
+    cluster by ``concurrency`` actors (each with ``num_cpus``/``num_gpus``) that load
+    ``model_dir`` (a pretrained directory every node can read) once each; yielded in question
+    order as soon as every earlier answer has arrived."""
     import ray.data
-    from tqdm import tqdm
 
     if not questions:
-        return []
+        return
     items = [{"index": i, "question": json.dumps(q)} for i, q in enumerate(questions)]
     answered = ray.data.from_items(items).map_batches(
         _AnswerActor,
@@ -183,9 +182,26 @@ def answer_with_ray(model_dir: str | Path, questions: Sequence[dict], image_root
         batch_size=options.batch_size, batch_format="numpy", concurrency=concurrency,
         num_cpus=num_cpus, num_gpus=num_gpus,
     )
-    by_index: dict[int, dict] = {}
-    for row in tqdm(answered.iter_rows(), total=len(items), desc="answering (ray)", unit="q", disable=not progress):
-        by_index[int(row["index"])] = json.loads(row["answer"])
-    if len(by_index) != len(items):
-        raise RuntimeError(f"Ray Data returned {len(by_index)} answers for {len(items)} questions")
-    return [by_index[i] for i in range(len(items))]
+    waiting: dict[int, dict] = {}
+    released = 0
+    for row in answered.iter_rows():
+        waiting[int(row["index"])] = json.loads(row["answer"])
+        while released in waiting:
+            yield waiting.pop(released)
+            released += 1
+    if released != len(items):
+        raise RuntimeError(f"Ray Data returned {released + len(waiting)} answers for {len(items)} questions")
+
+
+def answer_with_ray(model_dir: str | Path, questions: Sequence[dict], image_root: str | Path,
+                    options: AnswerOptions = AnswerOptions(), concurrency: int = 1, num_cpus: float = 1,
+                    num_gpus: float = 0, progress: bool = False) -> list[dict]:
+    """All answers of :func:`iter_answers_with_ray`, as a list."""
+    from tqdm import tqdm
+
+    records: list[dict] = []
+    with tqdm(total=len(questions), desc="answering (ray)", unit=" questions", disable=not progress) as bar:
+        for record in iter_answers_with_ray(model_dir, questions, image_root, options, concurrency, num_cpus, num_gpus):
+            records.append(record)
+            bar.update()
+    return records

@@ -40,8 +40,12 @@ def test_batched_answers_equal_one_at_a_time(setup):
     assert batched == one_by_one
     texts = [r["text"] for r in batched]
     assert len(set(texts)) > 1, f"the tiny model should answer different questions differently: {texts}"
-    assert batched[2] == {"question_id": "q2", "prompt": QUESTIONS[2], "text": texts[2], "model_id": "tiny",
-                          "image": "img_2.png", "label": "no", "category": "random"}
+    # LLaVA's answer format: these keys in this order, the question's other fields in metadata
+    assert list(batched[2]) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
+    assert {k: v for k, v in batched[2].items() if k != "answer_id"} == {
+        "question_id": "q2", "prompt": QUESTIONS[2], "text": texts[2], "model_id": "tiny",
+        "metadata": {"image": "img_2.png", "label": "no", "category": "random"}}
+    assert len({r["answer_id"] for r in batched}) == len(batched)
 
 
 def test_missing_image_is_named(setup):
@@ -99,7 +103,52 @@ def test_eval_cli_reports_bad_question_file(setup, tmp_path, capsys):
 
     root, _ = setup
     bad = tmp_path / "pope_random.jsonl"
-    bad.write_text('{"question_id": 1, "image": "a.png", "text": "Is there a cat?"}\n')
-    assert main(["eval", "--model", str(root / "model"), "--pope", str(bad), "--images", str(tmp_path),
-                 "--out", str(tmp_path / "out")]) == 2
+    bad.write_text('{"question_id": 0, "image": "a.png", "text": "Is there a dog?", "label": "no"}\n'
+                   '{"question_id": 1, "image": "a.png", "text": "Is there a cat?"}\n')
+    args = ["eval", "--model", str(root / "model"), "--pope", str(bad), "--images", str(tmp_path),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
     assert "question 1 has label None" in capsys.readouterr().err
+    # no label at all: LLaVA's test file, which needs POPE's annotation files beside it
+    bad.write_text('{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "category": "random"}\n')
+    assert main(args) == 2
+    assert "has no labels: give POPE's annotation files too" in capsys.readouterr().err
+    assert main([*args[:3], "--mme", str(bad), *args[5:]]) == 2
+    assert "has no labels: give the MME benchmark folder too" in capsys.readouterr().err
+
+
+def test_eval_cli_on_llava_files_with_limit_then_resume(setup, tmp_path, capsys):
+    import json
+
+    from mocha.cli import main
+    from mocha.eval.records import read_jsonl
+    from tests.llava_eval_files import (calculation_reference, convert_answer_to_mme_reference,
+                                        eval_pope_reference, write_llava_eval_files)
+
+    root, _ = setup
+    files = write_llava_eval_files(tmp_path / "data", pope_per_category=4)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(root / "model"), "--out", str(out), "--max-new-tokens", "3", "--model-id", "tiny",
+            "--pope", str(files.pope_questions), str(files.pope_annotations), "--pope-images", str(files.pope_images),
+            "--mme", str(files.mme_questions), str(files.mme_root)]
+    assert main([*args, "--limit", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "questions/s" in err  # the progress bar reports its rate
+    assert len(read_jsonl(out / "pope_answers.jsonl")) == 6 and len(read_jsonl(out / "mme_answers.jsonl")) == 6
+
+    assert main(args) == 0  # resumes: only the questions the limited run left
+    printed = capsys.readouterr().out
+    assert "resuming: 12 answers already in" in printed and "12 questions to go" in printed
+    scores = json.loads((out / "scores.json").read_text())
+    answers, questions = read_jsonl(out / "pope_answers.jsonl"), read_jsonl(files.pope_questions)
+    for category in ("adversarial", "random", "popular"):  # in input order within each category
+        assert [a["question_id"] for a in answers if a["metadata"]["category"] == category] == \
+               [q["question_id"] for q in questions if q["category"] == category]
+    reference = eval_pope_reference(files.pope_annotations, files.pope_questions, out / "pope_answers.jsonl")
+    assert {c: r["accuracy"] for c, r in reference.items()} == {c: s["accuracy"] for c, s in scores["pope"].items()}
+    mme = calculation_reference(convert_answer_to_mme_reference(files.mme_root, out / "mme_answers.jsonl"))
+    assert mme == {s: v["score"] for s, v in scores["mme"]["subtasks"].items()}
+    assert "| split | questions | accuracy % |" in printed and "perception total" in printed
+
+    assert main([*args, "--max-new-tokens", "4"]) == 2  # other settings: not mixed into these answers
+    assert "another model or settings (decoding differ" in capsys.readouterr().err
