@@ -23,8 +23,8 @@ line), a JSONL question file with ``category`` and ``label``, MME's
 ``MME_Benchmark_release_version`` folder alone (its own questions), or LLaVA's ``llava_mme.jsonl``
 together with that folder (labels looked up as LLaVA's convert_answer_to_mme.py does).
 
-Image paths in the question files are relative to --pope-images / --mme-images, else to --images;
-MME's images default to its benchmark folder.
+Image paths in the question files are relative to --pope-images / --mme-images, else (MME) to the
+MME benchmark folder when given one, else to --images.
 
 Writes into --out: pope_<split>_answers.jsonl (mocha's POPE files) or pope_answers.jsonl (LLaVA's
 test file, in its order), mme_answers.jsonl, mme_results/<subtask>.txt (MME's results layout)
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default=None, help="folder the questions' image paths are relative to")
     parser.add_argument("--pope-images", default=None, help="image folder for POPE (default: --images)")
     parser.add_argument("--mme-images", default=None,
-                        help="image folder for MME (default: the MME benchmark folder when given, else --images)")
+                        help="image folder for MME (default: the MME benchmark folder when given one, else --images)")
     parser.add_argument("--out", required=True,
                         help="output folder for answers and scores.json (a rerun resumes the answers there)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
@@ -137,8 +137,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if not args.pope and not args.mme:
         raise ConfigError("nothing to evaluate: give --pope and/or --mme")
-    suite = load_suite(args.pope, args.mme, pope_images=args.pope_images or args.images,
-                       mme_images=args.mme_images or args.images)
+    suite = load_suite(args.pope, args.mme, images=args.images, pope_images=args.pope_images,
+                       mme_images=args.mme_images)
     for section in suite.sections:
         if section.image_root is None:
             flag = "--pope-images" if section.benchmark == "pope" else "--mme-images"

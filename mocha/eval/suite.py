@@ -162,9 +162,11 @@ def _mme_question(q: dict, source: str) -> EvalQuestion:
     return EvalQuestion(q, str(q["category"]), str(q["label"]), q["text"])
 
 
-def load_mme_section(paths: str | Path | list[str | Path], image_root: str | Path | None = None) -> EvalSection:
-    """The MME section from one of the accepted inputs (see the module docstring). With MME's
-    benchmark folder the images default to that folder."""
+def load_mme_section(paths: str | Path | list[str | Path], image_root: str | Path | None = None,
+                     fallback_root: str | Path | None = None) -> EvalSection:
+    """The MME section from one of the accepted inputs (see the module docstring). Images are
+    under ``image_root``, else under MME's benchmark folder when given one, else under
+    ``fallback_root``."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     for p in paths:
         if not p.exists():
@@ -176,7 +178,7 @@ def load_mme_section(paths: str | Path | list[str | Path], image_root: str | Pat
                             f"{[str(p) for p in paths]}")
     if benchmarks:
         bench = MMEBenchmark(benchmarks[0])
-        root = _root(image_root) or bench.root.resolve()
+        root = _root(image_root) or bench.root.resolve()  # MME's images live in its benchmark folder
         if not others:  # the benchmark folder alone: its own questions, ids as LLaVA's
             questions = [EvalQuestion({"question_id": i.image, "image": i.image, "text": i.question,
                                        "category": i.subtask}, i.subtask, i.label, i.question) for i in bench.items]
@@ -188,7 +190,7 @@ def load_mme_section(paths: str | Path | list[str | Path], image_root: str | Pat
         questions = []
         for q in records:
             label, wording = bench.label(q, str(source))
-            questions.append(EvalQuestion(q, q["question_id"].split("/")[0], label, wording))
+            questions.append(EvalQuestion(q, str(q["question_id"]).split("/")[0], label, wording))
         return EvalSection("mme", MME_ANSWERS, questions, source=str(source), image_root=root)
     source = others[0]
     if source.is_dir():
@@ -199,19 +201,20 @@ def load_mme_section(paths: str | Path | list[str | Path], image_root: str | Pat
             raise EvalDataError(f"{source} has no labels: give the MME benchmark folder too, e.g. "
                                 f"--mme {source} MME_Benchmark_release_version")
     return EvalSection("mme", MME_ANSWERS, [_mme_question(q, str(source)) for q in records], source=str(source),
-                       image_root=_root(image_root))
+                       image_root=_root(image_root or fallback_root))
 
 
 def load_suite(pope: list[str | Path] | None = None, mme: str | Path | list[str | Path] | None = None, *,
-               pope_images: str | Path | None = None, mme_images: str | Path | None = None) -> EvalSuite:
+               images: str | Path | None = None, pope_images: str | Path | None = None,
+               mme_images: str | Path | None = None) -> EvalSuite:
     """The questions of a run. ``pope_images``/``mme_images``: folders the questions' image
-    paths are relative to (MME defaults to its benchmark folder when given one); None leaves
-    the paths to the answer function."""
+    paths are relative to, else ``images`` (MME: else its benchmark folder when given one, then
+    ``images``); None everywhere leaves the paths to the answer function."""
     if not pope and not mme:
         raise ValueError("nothing to evaluate: give POPE question files and/or MME questions")
-    sections = load_pope_sections(list(pope), pope_images) if pope else []
+    sections = load_pope_sections(list(pope), pope_images or images) if pope else []
     if mme:
-        sections.append(load_mme_section(mme, mme_images))
+        sections.append(load_mme_section(mme, mme_images, fallback_root=images))
     return EvalSuite(sections)
 
 

@@ -127,9 +127,10 @@ def test_eval_cli_on_llava_files_with_limit_then_resume(setup, tmp_path, capsys)
 
     root, _ = setup
     files = write_llava_eval_files(tmp_path / "data", pope_per_category=4)
+    # --images serves POPE; MME's images stay those of its benchmark folder
     out = tmp_path / "eval"
     args = ["eval", "--model", str(root / "model"), "--out", str(out), "--max-new-tokens", "3", "--model-id", "tiny",
-            "--pope", str(files.pope_questions), str(files.pope_annotations), "--pope-images", str(files.pope_images),
+            "--pope", str(files.pope_questions), str(files.pope_annotations), "--images", str(files.pope_images),
             "--mme", str(files.mme_questions), str(files.mme_root)]
     assert main([*args, "--limit", "2"]) == 0
     err = capsys.readouterr().err
