@@ -44,8 +44,8 @@ from mocha.config import EncoderConfig, ModelConfig, StrictModel
 from mocha.io import storage
 from mocha.io.layout import MANIFEST_NAME
 from pipelines.shard import load_manifest
-from pipelines.tar_shards import (ShardInfo, completed_shard, iter_tar_samples, remove_stale_shards, write_marker,
-                                  write_tar_shard)
+from pipelines.tar_shards import (ShardInfo, completed_shard, finished_shards, iter_tar_samples, remove_markers,
+                                  remove_stale_shards, write_marker, write_tar_shard)
 from pipelines.validation import IMAGE_EXTENSIONS
 
 FEATURES_FORMAT = "mocha-feature-shards/1"
@@ -159,8 +159,7 @@ class FeatureEncoder:
         rows = []
         for row in batch.to_pylist():
             info = self.encode_shard(row["source"], storage.join_url(self.output, row["name"]))
-            write_marker(self.output, info, row["plan_sha256"])
-            rows.append(asdict(info))
+            rows.append(asdict(write_marker(self.output, info, row["plan_sha256"])))
         return pa.Table.from_pylist(rows)
 
     def encode_shard(self, source: str, url: str) -> ShardInfo:
@@ -202,12 +201,12 @@ class FeatureEncoder:
                     out.add(f"{key}.{kind}.npy", _npy_bytes(array[position[key]]))
 
 
-def _find_completed(batch: pa.Table, output: str) -> pa.Table:
+def _find_completed(batch: pa.Table, output: str, finished: dict[str, ShardInfo]) -> pa.Table:
     """Ray task: for each plan row, the verified finished shard's info, or an empty name."""
     rows = []
     for row in batch.to_pylist():
-        info = completed_shard(output, row["name"], row["plan_sha256"])
-        rows.append(asdict(info) if info else {"name": "", "count": 0, "size": 0, "sha256": ""})
+        info = completed_shard(output, row["name"], row["plan_sha256"], finished)
+        rows.append(asdict(info) if info else {"name": "", "count": 0, "size": 0, "sha256": "", "plan_sha256": ""})
     return pa.Table.from_pylist(rows)
 
 
@@ -262,7 +261,8 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
         # Verify finished shards with cheap tasks first: no actor (and no encoder) starts for them.
         if plans:
             done = ray.data.from_items(plans).map_batches(_find_completed, batch_format="pyarrow", batch_size=1,
-                                                          fn_kwargs={"output": cfg.output_url})
+                                                          fn_kwargs={"output": cfg.output_url,
+                                                                     "finished": finished_shards(cfg.output_url)})
             shards = [ShardInfo(**row) for row in done.iter_rows() if row["name"]]
         finished = {s.name for s in shards}
         todo = [p for p in plans if p["name"] not in finished]
@@ -296,5 +296,6 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     }
     storage.write_bytes(storage.join_url(cfg.output_url, MANIFEST_NAME),
                         json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    remove_markers(cfg.output_url)  # the manifest now records every shard and its plan
     return FeatureReport(manifest=manifest, seconds=time.perf_counter() - start,
                          shards_written=len(shards) - reused, shards_reused=reused)

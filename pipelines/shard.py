@@ -38,7 +38,8 @@ from pydantic import Field
 from mocha.config import StrictModel
 from mocha.io import storage
 from pipelines.records import InputReader
-from pipelines.tar_shards import (ShardInfo, completed_shard, remove_stale_shards, shard_name, write_marker,
+from pipelines.tar_shards import (ShardInfo, completed_shard, finished_shards, remove_markers, remove_stale_shards,
+                                  shard_name, write_marker,
                                   write_tar_shard)
 from pipelines.validation import DEFAULT_MAX_PIXELS, Reason, Rejection, check_record, inspect_image, sample_key
 from mocha.io.layout import MANIFEST_NAME, QUARANTINE_NAME
@@ -136,17 +137,16 @@ def _inspect_images(batch: pa.Table, images: str, max_pixels: int) -> pa.Table:
     return batch
 
 
-def _write_shards(batch: pa.Table, images: str, output: str) -> pa.Table:
+def _write_shards(batch: pa.Table, images: str, output: str, finished: dict[str, ShardInfo]) -> pa.Table:
     """Stage 3 (Ray task): build (or verify and reuse) the shard of each plan row."""
     rows = []
     for shard_id, plan in zip(batch.column("shard_id").to_pylist(), batch.column("plan").to_pylist()):
         name = shard_name(shard_id)
         plan_sha256 = hashlib.sha256(plan).hexdigest()
-        info = completed_shard(output, name, plan_sha256)
+        info = completed_shard(output, name, plan_sha256, finished)
         reused = info is not None
         if info is None:
-            info = _write_shard(storage.join_url(output, name), plan, images)
-            write_marker(output, info, plan_sha256)
+            info = write_marker(output, _write_shard(storage.join_url(output, name), plan, images), plan_sha256)
         rows.append({**asdict(info), "reused": reused})
     return pa.Table.from_pylist(rows)
 
@@ -260,10 +260,11 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
         if planner.blocks:
             written = ray.data.from_arrow_refs(planner.blocks).map_batches(
                 _write_shards, batch_format="pyarrow", batch_size=1, compute=_tasks(cfg),
-                fn_kwargs={"images": cfg.images, "output": cfg.output})
+                fn_kwargs={"images": cfg.images, "output": cfg.output, "finished": finished_shards(cfg.output)})
             with tqdm(total=len(planner.blocks), desc="shards", unit="shard", disable=not progress) as bar:
                 for row in written.iter_rows():
-                    shards.append(ShardInfo(name=row["name"], count=row["count"], size=row["size"], sha256=row["sha256"]))
+                    shards.append(ShardInfo(name=row["name"], count=row["count"], size=row["size"], sha256=row["sha256"],
+                                            plan_sha256=row["plan_sha256"]))
                     reused += bool(row["reused"])
                     bar.update()
     shards.sort(key=lambda s: s.name)
@@ -279,6 +280,7 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
     manifest = _manifest(cfg, reader, planner, shards, quarantine, num_records)
     storage.write_bytes(storage.join_url(cfg.output, MANIFEST_NAME),
                         json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    remove_markers(cfg.output)  # the manifest now records every shard and its plan
     return ShardReport(manifest=manifest, seconds=time.perf_counter() - start, shards_written=len(shards) - reused,
                        shards_reused=reused, stale_removed=stale)
 

@@ -4,9 +4,11 @@ Every member header is fixed (mtime 0, uid/gid 0, no owner names, mode 0644, UST
 same members in the same order give the same bytes on every run and machine. A shard is
 written through :func:`mocha.io.storage.atomic_writer` (never visible half-written) while its
 SHA-256 is computed, and then a small done-marker ``_progress/<shard>.json`` records its
-count, size, digest and the digest of the *plan* it was built from. A rerun skips a shard only
-when the marker's plan digest matches the new plan and the file on storage still has the
-recorded size and SHA-256; anything else is rebuilt.
+count, size, digest and the digest of the *plan* it was built from. The manifest of a finished
+build lists the same for every shard, and the markers are then removed (a finished output holds
+shards, manifest and quarantine only). A rerun skips a shard only when its marker, or else the
+finished manifest, names the new plan's digest and the file on storage still has the recorded
+size and SHA-256; anything else is rebuilt.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
+import pyarrow.fs as pafs
+
 from mocha.io import storage
-from mocha.io.layout import PROGRESS_DIR
+from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR
 
 _HASH_CHUNK = 8 << 20
 
@@ -38,6 +42,7 @@ class ShardInfo:
     count: int
     size: int
     sha256: str
+    plan_sha256: str = ""  #: digest of the plan it was built from ("" in manifests before it was recorded)
 
 
 class _HashingWriter:
@@ -127,25 +132,55 @@ def marker_url(output: str, name: str) -> str:
     return storage.join_url(output, PROGRESS_DIR, f"{name}.json")
 
 
-def write_marker(output: str, info: ShardInfo, plan_sha256: str) -> None:
-    payload = {**asdict(info), "plan_sha256": plan_sha256}
-    storage.write_bytes(marker_url(output, info.name), json.dumps(payload, sort_keys=True).encode())
+def write_marker(output: str, info: ShardInfo, plan_sha256: str) -> ShardInfo:
+    """Record that ``info``'s shard is complete for the plan with digest ``plan_sha256``;
+    returns ``info`` carrying that digest (what the manifest lists)."""
+    info = replace(info, plan_sha256=plan_sha256)
+    storage.write_bytes(marker_url(output, info.name), json.dumps(asdict(info), sort_keys=True).encode())
+    return info
 
 
-def completed_shard(output: str, name: str, plan_sha256: str) -> ShardInfo | None:
-    """The shard's info if it is complete for this plan (marker matches, bytes verified)."""
+def _marker(output: str, name: str) -> ShardInfo | None:
     marker = marker_url(output, name)
     if not storage.exists(marker):
         return None
     try:
-        payload = json.loads(storage.read_bytes(marker))
-        info = ShardInfo(name=payload["name"], count=payload["count"], size=payload["size"], sha256=payload["sha256"])
+        return ShardInfo(**json.loads(storage.read_bytes(marker)))
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def finished_shards(output: str) -> dict[str, ShardInfo]:
+    """The shards the manifest of a finished build lists (with their plan digests), by name;
+    empty without a readable manifest."""
+    url = storage.join_url(output, MANIFEST_NAME)
+    if not storage.exists(url):
+        return {}
+    try:
+        return {s["name"]: ShardInfo(**s) for s in json.loads(storage.read_bytes(url))["shards"]}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def completed_shard(output: str, name: str, plan_sha256: str,
+                    finished: Mapping[str, ShardInfo] | None = None) -> ShardInfo | None:
+    """The shard's info if it is complete for this plan: its marker, or else its entry in the
+    finished build's manifest (``finished``, see :func:`finished_shards`), names this plan, and
+    the file's size and SHA-256 are as recorded."""
+    info = _marker(output, name) or (finished or {}).get(name)
+    if info is None or info.plan_sha256 != plan_sha256 or info.name != name:
+        return None
     url = storage.join_url(output, name)
-    if payload.get("plan_sha256") != plan_sha256 or info.name != name or storage.file_size(url) != info.size:
+    if storage.file_size(url) != info.size:
         return None
     return info if sha256_of(url) == info.sha256 else None
+
+
+def remove_markers(output: str) -> None:
+    """Delete the ``_progress/`` folder once the manifest records the finished build."""
+    fs, path = storage.resolve_filesystem(storage.join_url(output, PROGRESS_DIR))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def remove_stale_shards(output: str, keep: int) -> list[str]:

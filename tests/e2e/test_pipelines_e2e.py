@@ -119,6 +119,8 @@ def test_local_shards_read_back_and_quarantine_adds_up(local_run, dataset):
 
 def test_rerun_is_byte_identical_and_reuses_every_shard(local_run):
     cfg, first = local_run
+    assert sorted(p.name for p in Path(cfg.output).iterdir() if not p.name.startswith("shard-")) == [
+        "manifest.json", "quarantine.jsonl"]  # a finished build keeps no progress markers
     before = tree_digest(Path(cfg.output))
     again = build_shards(cfg, progress=False)
     assert (again.shards_written, again.shards_reused) == (0, 5)
@@ -169,6 +171,7 @@ def test_features_local_bit_identical_aligned_and_resumable(local_run, dataset, 
                     assert np.array_equal(decode_features(f)[kind], ref[row]) and decode_features(f)[kind].dtype == np.float32
         assert all(s["json"] == f["json"] for s, f in zip(src, feats))
 
+    assert not (tmp_path / "features" / "_progress").exists()
     before = tree_digest(tmp_path / "features")
     (tmp_path / "features" / "shard-000001.tar").unlink()
     again = build_features(fcfg, progress=False)

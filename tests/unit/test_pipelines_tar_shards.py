@@ -6,8 +6,11 @@ import hashlib
 import tarfile
 
 from mocha.io import storage
-from pipelines.tar_shards import (completed_shard, iter_tar_samples, marker_url, remove_stale_shards, write_marker,
-                                  write_tar_shard)
+import json
+from dataclasses import asdict
+
+from pipelines.tar_shards import (completed_shard, finished_shards, iter_tar_samples, marker_url, remove_markers,
+                                  remove_stale_shards, write_marker, write_tar_shard)
 
 MEMBERS = [("k0.json", b'{"id": 0}'), ("k0.png", b"\x89PNG..."), ("k1.json", b'{"id": 1}')]
 
@@ -37,8 +40,9 @@ def test_completed_shard_requires_matching_plan_and_bytes(tmp_path):
     out = str(tmp_path)
     info = _write(storage.join_url(out, "shard-000000.tar"))
     assert completed_shard(out, "shard-000000.tar", "plan-a") is None  # no marker yet
-    write_marker(out, info, "plan-a")
-    assert completed_shard(out, "shard-000000.tar", "plan-a") == info
+    stamped = write_marker(out, info, "plan-a")
+    assert stamped.plan_sha256 == "plan-a" and (stamped.name, stamped.sha256) == (info.name, info.sha256)
+    assert completed_shard(out, "shard-000000.tar", "plan-a") == stamped
     assert completed_shard(out, "shard-000000.tar", "plan-b") is None
     data = bytearray((tmp_path / "shard-000000.tar").read_bytes())
     data[600] ^= 1  # same size, different bytes
@@ -59,3 +63,23 @@ def test_remove_stale_shards_and_crash_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
         "manifest.json", "shard-000000.tar", "shard-000001.tar"]
     assert not storage.exists(marker_url(out, "shard-000002.tar")) and storage.exists(marker_url(out, "shard-000001.tar"))
+
+
+def test_finished_build_keeps_no_markers_and_its_manifest_still_proves_completion(tmp_path):
+    out = str(tmp_path)
+    infos = [write_marker(out, _write(storage.join_url(out, f"shard-{i:06d}.tar")), f"plan-{i}") for i in range(2)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [asdict(i) for i in infos]}))
+    remove_markers(out)  # what a build does once its manifest is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    remove_markers(out)  # nothing left to remove: not an error
+
+    finished = finished_shards(out)
+    assert completed_shard(out, "shard-000001.tar", "plan-1") is None  # without the manifest: rebuilt
+    assert completed_shard(out, "shard-000001.tar", "plan-1", finished) == infos[1]
+    assert completed_shard(out, "shard-000001.tar", "plan-0", finished) is None  # another plan
+    (tmp_path / "shard-000000.tar").write_bytes(b"damaged")
+    assert completed_shard(out, "shard-000000.tar", "plan-0", finished) is None
+    # a manifest written before plan digests were recorded proves nothing: those shards are rebuilt
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
+        {k: v for k, v in asdict(infos[1]).items() if k != "plan_sha256"}]}))
+    assert completed_shard(out, "shard-000001.tar", "plan-1", finished_shards(out)) is None
