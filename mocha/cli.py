@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("mocha.train.submit", "submit a job YAML to a running Ray cluster (Ray Job SDK) and follow it"),
     "eval": ("mocha.eval.cli", "answer POPE / MME questions with a saved model, write answers and scores"),
     "generate": ("mocha.eval.generate", "answer one prompt about one image with a saved model"),
-    "export": ("mocha.export.cli", "write a run's export or checkpoint in save_pretrained form (config + weights + tokenizer)"),
+    "export": ("mocha.export.cli", "write a run's export or checkpoint as a transformers-native folder (loads without mocha)"),
     "bench": ("benchmarks.cli", "ratio benchmarks (ours vs baseline, same process); writes benchmarks/RESULTS.md"),
 }
 

@@ -1,8 +1,11 @@
-"""Load and write MoCHA models in ``save_pretrained`` form (config + safetensors + tokenizer).
+"""Load and write MoCHA models: pretrained directories and transformers-native exports.
 
 A *pretrained directory* holds ``mocha_config.json`` (self-contained: every sub-model's full
 architecture), ``model.safetensors`` (all weights) and the tokenizer files; loading it needs
-only ``mocha`` and transformers. Training writes one per run (``<run>/export``).
+only ``mocha`` and transformers. Training writes one per run (``<run>/export``). A
+*transformers-native export* (``mocha export``; ``mocha.export.hf``) holds the same config inside
+``config.json``, weights possibly sharded, the tokenizer and the remote code that loads it
+without mocha; everything here that reads a pretrained directory reads one of those too.
 
 A *training checkpoint* (``mocha.train.checkpoint``) holds the trainable parameters only (fp32,
 global names, sharded by the ranks that wrote it, with ``index.json`` and ``state.json``); it has
@@ -14,6 +17,7 @@ are kept.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,12 +25,23 @@ from pathlib import Path
 import torch
 
 from mocha.config import ConfigError
-from mocha.io.layout import CHECKPOINT_INDEX_NAME, CHECKPOINT_STATE_NAME, EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME
+from mocha.export.hf import HFExportOptions
+from mocha.io.layout import (CHECKPOINT_INDEX_NAME, CHECKPOINT_STATE_NAME, EXPORT_CONFIG_NAME, EXPORT_HF_CONFIG_NAME,
+                             EXPORT_WEIGHTS_INDEX_NAME, EXPORT_WEIGHTS_NAME)
 
 
 def is_pretrained_dir(directory: str | Path) -> bool:
+    """A saved model: ``save_pretrained``'s layout or a transformers-native export
+    (``mocha.export.hf``: ``config.json`` of model_type mocha, weights whole or sharded)."""
     directory = Path(directory)
-    return (directory / EXPORT_CONFIG_NAME).is_file() and (directory / EXPORT_WEIGHTS_NAME).is_file()
+    has_weights = (directory / EXPORT_WEIGHTS_NAME).is_file() or (directory / EXPORT_WEIGHTS_INDEX_NAME).is_file()
+    if (directory / EXPORT_CONFIG_NAME).is_file():
+        return has_weights
+    try:
+        hf_config = json.loads((directory / EXPORT_HF_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return has_weights and isinstance(hf_config, dict) and hf_config.get("model_type") == "mocha"
 
 
 def is_checkpoint_dir(directory: str | Path) -> bool:
@@ -44,8 +59,8 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
     if not is_pretrained_dir(directory):
         hint = " (a training checkpoint: convert it with `mocha export --checkpoint ... --base ...`)" \
             if is_checkpoint_dir(directory) else ""
-        raise FileNotFoundError(f"{directory} is not a saved MoCHA model: it needs mocha_config.json and "
-                                f"model.safetensors{hint}")
+        raise FileNotFoundError(f"{directory} is not a saved MoCHA model: it needs mocha_config.json (or a mocha "
+                                f"config.json) and model.safetensors (or its shard index){hint}")
     tokenizer = load_tokenizer(directory)
     model = MochaModel.from_pretrained(directory).to(device).eval()
     return model, tokenizer
@@ -73,15 +88,17 @@ def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
     return sorted(state)
 
 
-def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
-    """Write ``out_dir`` in pretrained form from ``source``.
+def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path | None = None,
+                      options: HFExportOptions | None = None) -> Path:
+    """Write ``out_dir`` as a transformers-native folder (``mocha.export.hf``) from ``source``.
 
-    ``source`` is a pretrained directory (rewritten through ``from_pretrained`` /
-    ``save_pretrained``, so the result is canonical and verified loadable) or a training
-    checkpoint, which needs ``base`` (a pretrained directory supplying the architecture, the
-    weights the checkpoint does not hold, and the tokenizer). The output appears complete or
-    not at all (written to a sibling temporary folder, then renamed).
+    ``source`` is a pretrained directory (either layout; reloaded with ``from_pretrained``, so the
+    result is canonical and verified loadable) or a training checkpoint, which needs ``base`` (a
+    pretrained directory supplying the architecture, the weights the checkpoint does not hold,
+    and the tokenizer). ``options``: dtype, shard size, model-card facts. The output appears
+    complete or not at all (written to a sibling temporary folder, then renamed).
     """
+    from mocha.export.hf import write_hf_folder
     from mocha.model.mocha import MochaModel
 
     source, out_dir = Path(source), Path(out_dir)
@@ -94,10 +111,10 @@ def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path 
             raise ConfigError(f"{source} is a training checkpoint (trainable weights only); pass --base with the "
                              f"pretrained directory it was trained from (e.g. the run's export)")
         if not is_pretrained_dir(base):
-            raise FileNotFoundError(f"--base {base} is not a saved MoCHA model (mocha_config.json + model.safetensors)")
+            raise FileNotFoundError(f"--base {base} is not a saved MoCHA model (a run's export or `mocha export` output)")
         model_dir, checkpoint = Path(base), source
     else:
-        raise FileNotFoundError(f"{source} is neither a saved MoCHA model (mocha_config.json + model.safetensors) "
+        raise FileNotFoundError(f"{source} is neither a saved MoCHA model (a run's export or `mocha export` output) "
                                 f"nor a training checkpoint (state.json + model.safetensors)")
 
     from mocha.text.tokenizer import load_tokenizer
@@ -109,8 +126,7 @@ def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        write_hf_folder(staging, model, tokenizer, options or HFExportOptions(source=str(source)))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -39,8 +39,19 @@ trainable state only, sharded by the ranks that wrote it, named globally::
     trainable.safetensors            connectors + HGA alone: the stage-1 -> stage-2 hand-off
     tokenizer files                  (``tokenizer.save_pretrained``)
 
-``state.json`` (only in checkpoints) vs ``mocha_config.json`` (only in exports) tells the two
-kinds of model folder apart on disk.
+**Transformers-native export** (``mocha export``; ``mocha.export.hf``): loads with
+``AutoModelForImageTextToText`` / ``AutoProcessor`` (``trust_remote_code=True``) without mocha, and
+with ``MochaModel.from_pretrained``::
+
+    config.json                      MochaConfig: model_type "mocha", the architecture under "mocha"
+    model.safetensors                every weight, or, past --max-shard-size,
+    model-0000i-of-0000n.safetensors   the shards and model.safetensors.index.json
+    generation_config.json, processor_config.json, chat_template.jinja, README.md (model card)
+    tokenizer files                  with "<image>" added as a special token
+    configuration_mocha.py, modeling_mocha.py, processing_mocha.py, mocha_*.py   remote code
+
+``state.json`` (only in checkpoints) vs ``mocha_config.json`` / a ``config.json`` of model_type
+mocha (only in exports) tells the kinds of model folder apart on disk.
 """
 
 from __future__ import annotations
@@ -65,3 +76,10 @@ CHECKPOINT_RNG_NAME = "rng.safetensors"
 EXPORT_CONFIG_NAME = "mocha_config.json"
 EXPORT_WEIGHTS_NAME = "model.safetensors"
 TRAINABLE_NAME = "trainable.safetensors"
+EXPORT_HF_CONFIG_NAME = "config.json"
+EXPORT_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+EXPORT_WEIGHTS_PATTERN = "model{suffix}.safetensors"
+EXPORT_GENERATION_CONFIG_NAME = "generation_config.json"
+EXPORT_PROCESSOR_CONFIG_NAME = "processor_config.json"
+EXPORT_CHAT_TEMPLATE_NAME = "chat_template.jinja"
+EXPORT_CARD_NAME = "README.md"

@@ -320,8 +320,7 @@ class VisionEncoder(nn.Module):
 
     def preprocess(self, image: Image.Image) -> Tensor:
         """One PIL image -> ``[3, image_size, image_size]`` float32, normalised for this encoder."""
-        pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"]
-        return pixel_values[0].to(torch.float32)
+        return preprocess_image(self.processor, image)
 
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -383,7 +382,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
             model.to(dtype)
 
     config = model.config
-    image_size = cfg.image_size or (config.image_size if spec.fixed_positions else spec.default_image_size)
+    image_size = _image_size(spec, cfg, config)
     processor = _build_processor(spec, cfg.pretrained, image_size)
     return VisionEncoder(
         spec, model, processor,
@@ -391,6 +390,28 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
         select_layer=spec.select_layer if cfg.select_layer is None else cfg.select_layer,
         channel_pool=spec.channel_pool if cfg.channel_pool is None else cfg.channel_pool,
     )
+
+
+def _image_size(spec: EncoderSpec, cfg: EncoderConfig, config: PretrainedConfig) -> int:
+    """Input resolution: the config's, else the model's (fixed position embeddings), else the kind's."""
+    return cfg.image_size or (config.image_size if spec.fixed_positions else spec.default_image_size)
+
+
+def build_image_processor(cfg: EncoderConfig) -> BaseImageProcessor:
+    """The image preprocessing :func:`build_encoder` gives the encoder of ``cfg``, without building
+    the model (for a processor that only prepares inputs). Exact for random-init configs and for
+    the self-contained configs of saved models (``pretrained`` None, full architecture in ``config``)."""
+    spec = encoder_spec(cfg.kind)
+    config_kwargs = {**spec.default_config, **cfg.config}
+    if cfg.image_size is not None:
+        config_kwargs["image_size"] = cfg.image_size
+    return _build_processor(spec, cfg.pretrained, _image_size(spec, cfg, spec.config_cls(**config_kwargs)))
+
+
+def preprocess_image(processor: BaseImageProcessor, image: Image.Image) -> Tensor:
+    """One PIL image -> ``[3, S, S]`` float32 through an encoder's image processor."""
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    return pixel_values[0].to(torch.float32)
 
 
 def real_encoder_configs(pretrained: bool = False) -> list[EncoderConfig]:

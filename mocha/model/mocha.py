@@ -29,7 +29,8 @@ from mocha.model.encoders import build_encoder
 from mocha.model.hga import build_hga
 from mocha.model.llm import build_llm, llm_hidden_size
 from mocha.text.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mocha.io.layout import EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME, TRAINABLE_NAME
+from mocha.io.layout import (EXPORT_CONFIG_NAME, EXPORT_HF_CONFIG_NAME, EXPORT_WEIGHTS_INDEX_NAME, EXPORT_WEIGHTS_NAME,
+                             TRAINABLE_NAME)
 
 
 #: Parameter-name prefixes of the model's parts (used for freezing, hand-off and export).
@@ -286,14 +287,11 @@ class MochaModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, with_encoders: bool = True) -> "MochaModel":
-        from safetensors.torch import load_file
-
+        """Load a saved model: ``save_pretrained``'s layout or a transformers-native export
+        (``config.json`` with a ``mocha`` entry, weights in one file or sharded with an index)."""
         directory = Path(directory)
-        cfg_path = directory / EXPORT_CONFIG_NAME
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"{directory} holds no {EXPORT_CONFIG_NAME}: not a saved MoCHA model")
-        config = ModelConfig.model_validate_json(cfg_path.read_text())
-        state = load_file(str(directory / EXPORT_WEIGHTS_NAME))
+        config = read_saved_config(directory)
+        state = read_saved_weights(directory)
         key = _embedding_key(state)
         vocab = state["llm." + key].shape[0] if key else None
         model = cls(config, vocab_size=vocab, with_encoders=with_encoders)
@@ -303,9 +301,48 @@ class MochaModel(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if saved_encoders or not k.startswith("encoders.")]
         if missing or unexpected:
-            raise KeyError(f"{directory / EXPORT_WEIGHTS_NAME} does not match its config: missing {missing[:8]}, "
+            raise KeyError(f"the weights in {directory} do not match its config: missing {missing[:8]}, "
                            f"unexpected {unexpected[:8]}")
         return model
+
+
+def read_saved_config(directory: str | Path) -> ModelConfig:
+    """The MoCHA config of a saved model: ``mocha_config.json``, else the ``mocha`` entry of a
+    transformers-native export's ``config.json``."""
+    directory = Path(directory)
+    if (directory / EXPORT_CONFIG_NAME).is_file():
+        return ModelConfig.model_validate_json((directory / EXPORT_CONFIG_NAME).read_text())
+    hf_config = directory / EXPORT_HF_CONFIG_NAME
+    if hf_config.is_file():
+        data = json.loads(hf_config.read_text())
+        if data.get("model_type") == "mocha" and isinstance(data.get("mocha"), dict):
+            return ModelConfig.model_validate(data["mocha"])
+    raise FileNotFoundError(f"{directory} holds neither {EXPORT_CONFIG_NAME} nor a {EXPORT_HF_CONFIG_NAME} of "
+                            f"model_type 'mocha': "
+                            f"not a saved MoCHA model")
+
+
+def read_saved_weights(directory: str | Path) -> dict[str, Tensor]:
+    """Every weight of a saved model: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` lists (each checked to exist and to hold its listed names)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if (directory / EXPORT_WEIGHTS_NAME).is_file():
+        return load_file(str(directory / EXPORT_WEIGHTS_NAME))
+    index_path = directory / EXPORT_WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{directory} holds neither {EXPORT_WEIGHTS_NAME} nor {EXPORT_WEIGHTS_INDEX_NAME}")
+    weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).is_file():
+            raise FileNotFoundError(f"{index_path} lists {shard}, which is missing")
+        state.update(load_file(str(directory / shard)))
+    if set(state) != set(weight_map):
+        differ = sorted(set(state) ^ set(weight_map))
+        raise KeyError(f"{index_path} does not match its shards' tensors: {differ[:8]}")
+    return state
 
 
 def _architecture(config) -> dict:

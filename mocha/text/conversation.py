@@ -343,7 +343,13 @@ def _fit_length(
 def tokenize_prompt(conversations: Sequence[dict], tokenizer, template: str, sample_id: str | None = None) -> list[int]:
     """Input ids of :func:`build_prompt` for generation, encoded exactly as in training (BOS,
     one ``IMAGE_TOKEN_INDEX`` per placeholder)."""
+    return encode_prompt(build_prompt(conversations, template, sample_id), tokenizer, template)
+
+
+def encode_prompt(text: str, tokenizer, template: str) -> list[int]:
+    """Input ids of an already rendered prompt (``build_prompt``'s text, or the same text from a
+    chat template), encoded exactly as in training: the template's BOS rule, one
+    ``IMAGE_TOKEN_INDEX`` per ``<image>``."""
     spec = get_template(template)
-    text = build_prompt(conversations, template, sample_id)
     add_bos = _tokenizer_adds_bos(tokenizer) if spec.add_bos is None else spec.add_bos
     return _encode(text, tokenizer, add_bos)[0]
