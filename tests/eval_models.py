@@ -22,13 +22,17 @@ CORPUS = ["Is there a red circle in the image?", "Is there a blue square in the 
           "What colour is the triangle?", "A green diamond and a yellow triangle.", "There are two shapes."]
 
 
-def build_tiny_model(tokenizer_dir: Path, seed: int = 0):
+#: LLM family -> the conversation template its models are trained with.
+FAMILY_TEMPLATES = {"llama": "vicuna_v1", "phi": "phi"}
+
+
+def build_tiny_model(tokenizer_dir: Path, seed: int = 0, family: str = "llama"):
     """(model in eval mode, tokenizer); the LLM's vocabulary is exactly the tokenizer's."""
-    tokenizer = train_bpe_tokenizer(CORPUS * 10, tokenizer_dir, vocab_size=400, family="llama")
-    llm = tiny_llm_config("llama")
+    tokenizer = train_bpe_tokenizer(CORPUS * 10, tokenizer_dir, vocab_size=400, family=family)
+    llm = tiny_llm_config(family)
     llm = llm.model_copy(update={"config": {**llm.config, "vocab_size": len(tokenizer)}})
     torch.manual_seed(seed)
-    model = MochaModel(tiny_model_config(llm=llm, template="vicuna_v1"), vocab_size=len(tokenizer))
+    model = MochaModel(tiny_model_config(llm=llm, template=FAMILY_TEMPLATES[family]), vocab_size=len(tokenizer))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith("llm."):

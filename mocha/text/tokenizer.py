@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,12 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     positions are always masked by the attention mask and ``IGNORE_INDEX`` labels, so reusing
     an existing token is safe and keeps the embedding matrix unchanged.
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    kwargs = {}
+    if _local_tokenizer_class(path_or_id):
+        # The tokenizer names its class: skip the model's config.json, which for a remote-code
+        # model (a transformers-native MoCHA export) makes AutoTokenizer ask "[y/N]" on stdout.
+        kwargs["config"] = PretrainedConfig()
+    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
     if tokenizer.pad_token is None:
         fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         if fallback is None:
@@ -143,3 +148,15 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = fallback
         logger.info("tokenizer %s had no pad token; using %r", path_or_id, fallback)
     return tokenizer
+
+
+def _local_tokenizer_class(path_or_id: str | Path) -> str | None:
+    """``tokenizer_class`` of a local tokenizer folder's ``tokenizer_config.json``, if any."""
+    import json
+
+    config = Path(path_or_id) / "tokenizer_config.json"
+    try:
+        value = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
