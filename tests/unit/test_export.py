@@ -1,4 +1,5 @@
-"""`mocha export` and `mocha generate`: save_pretrained form that reloads to the same tokens."""
+"""`mocha export` and `mocha generate`: the exported folder reloads into mocha to the same tokens
+(loading it without mocha: test_hf_export.py)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ def test_export_then_load_generates_the_same_tokens(run, tmp_path):
     root, model, tokenizer, image = run
     assert main(["export", "--checkpoint", str(root / "export"), "--out", str(tmp_path / "out")]) == 0
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"mocha_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
-    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == tokenizer.get_vocab()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "modeling_mocha.py",
+            "processor_config.json", "README.md"} <= files
+    exported_vocab = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=False).get_vocab()
+    assert exported_vocab.pop("<image>") == len(tokenizer)  # the processor's image token, added last
+    assert exported_vocab == tokenizer.get_vocab()
     loaded, loaded_tokenizer = load_pretrained(tmp_path / "out")
     expected = _generate(model, tokenizer, image)
     assert expected.shape[1] > 1
