@@ -83,9 +83,9 @@ def _number(value) -> str:
 def render_model_card(config: ModelConfig, facts: CardFacts) -> str:
     """README.md text for an export of ``config``."""
     connector, hga = config.connector, config.hga
-    encoders = [[e.kind, facts.encoders[e.kind]["image_size"], facts.encoders[e.kind]["num_tokens"],
-                 facts.encoders[e.kind]["hidden_size"], facts.encoders[e.kind]["select_layer"],
-                 e.channel_pool or 1] for e in config.encoders]
+    encoders = [[e.kind, e.pretrained or f"random init (seed {e.init_seed})", facts.encoders[e.kind]["image_size"],
+                 facts.encoders[e.kind]["num_tokens"], facts.encoders[e.kind]["hidden_size"],
+                 facts.encoders[e.kind]["select_layer"], e.channel_pool or 1] for e in config.encoders]
     hga_settings = {"graph": f"k={hga.k}, intra-group share {hga.intra_share}, chunk {hga.chunk_size or 'all'}",
                     "attention": f"{hga.num_heads} heads", "off": "-"}[hga.mode]
     experts = config.llm_experts
@@ -122,13 +122,14 @@ def render_model_card(config: ModelConfig, facts: CardFacts) -> str:
         "",
         f"Frozen vision encoders ({facts.num_image_tokens} visual tokens per image, concatenated in this order):",
         "",
-        _table(["encoder", "image size", "tokens", "width", "layer", "channel pool"], encoders),
+        _table(["encoder", "weights from", "image size", "tokens", "width", "layer", "channel pool"], encoders),
         "",
         f"- Connector: {connector.kind}" + (f", {connector.num_experts} experts, top-{connector.top_k}, balance loss "
                                             f"{connector.balance_coef}, router z-loss {connector.z_coef}"
                                             if connector.kind == "moe" else ""),
         f"- Hierarchical group attention (HGA): {hga.mode} ({hga_settings})",
-        f"- LLM: {config.llm.family} family, {facts.llm['num_hidden_layers']} layers, hidden size "
+        f"- LLM: {config.llm.pretrained or 'random init'} ({config.llm.family} family), "
+        f"{facts.llm['num_hidden_layers']} layers, hidden size "
         f"{facts.llm['hidden_size']}, vocabulary {facts.llm['vocab_size']}"
         + (f"; MoE layers {experts.layers} ({experts.num_experts} experts, top-{experts.top_k})" if experts else ""),
         f"- Conversation template: `{config.template}` (the processor's chat template), max length "

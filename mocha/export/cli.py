@@ -46,7 +46,7 @@ def read_json_document(url: str, default_name: str, flag: str) -> dict:
     import json
 
     from mocha.config import ConfigError
-    from pipelines import storage
+    from mocha.io import storage
 
     target = url if url.endswith(".json") else storage.join_url(url, default_name)
     try:
@@ -64,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from mocha.eval.cli import input_errors_reported
     from mocha.export.hf import HFExportOptions
     from mocha.export.pretrained import export_pretrained
+    from mocha.eval.suite import SCORES_FILE
+    from mocha.io.layout import MANIFEST_NAME
 
     with input_errors_reported():
         options = HFExportOptions(
             dtype=args.dtype, max_shard_size=args.max_shard_size, source=args.checkpoint,
-            manifests=[(url, read_json_document(url, "manifest.json", "--manifest")) for url in args.manifest],
-            scores=[(path, read_json_document(path, "scores.json", "--scores")) for path in args.scores])
+            manifests=[(url, read_json_document(url, MANIFEST_NAME, "--manifest")) for url in args.manifest],
+            scores=[(path, read_json_document(path, SCORES_FILE, "--scores")) for path in args.scores])
         out = export_pretrained(args.checkpoint, args.out, base=args.base, options=options)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"[mocha] exported {args.checkpoint} -> {out} ({files})")

@@ -71,25 +71,38 @@ class HFExportOptions:
         return size
 
 
-def write_hf_folder(directory: str | Path, model, tokenizer, options: HFExportOptions = HFExportOptions()) -> list[str]:
-    """Write ``model`` (a :class:`~mocha.model.mocha.MochaModel` with its encoders) and
-    ``tokenizer`` into the existing ``directory`` (see the module docstring); returns the names
-    written. The caller's tokenizer is not changed (the image token is added to a copy)."""
+def write_hf_folder(directory: str | Path, model, tokenizer, options: HFExportOptions = HFExportOptions(),
+                    state_dict: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Write ``model`` (a :class:`~mocha.model.mocha.MochaModel`) and ``tokenizer`` into the
+    existing ``directory`` (see the module docstring); returns the names written.
+
+    ``state_dict`` replaces the model's own weights (a consolidated state gathered from
+    expert-parallel ranks, in MochaModel's names). A model built without its encoders (trained
+    from feature shards) gets them built from its config, the frozen weights every process
+    builds. The caller's model and tokenizer are not changed (the image token is added to a copy).
+    """
     from mocha.export.remote_code import write_bundle
 
-    if model.encoders is None:
-        raise ConfigError("the model was built without its encoders; an export needs them")
     directory = Path(directory)
+    state = dict(model.state_dict() if state_dict is None else state_dict)
+    encoders = model.encoders
+    if encoders is None:
+        from mocha.model.encoders import build_encoders
+
+        encoders = build_encoders(model.config.encoders)
+        state.update({f"encoders.{name}": value for name, value in encoders.state_dict().items()})
+    config = model.self_contained_config(encoders)
     image_tokenizer = _tokenizer_with_image_token(tokenizer, directory)
-    state = _cast_state(model, DTYPES[options.dtype])
+    state = _cast_state(state, DTYPES[options.dtype])
     dtype = _dtype_name(state)
     _write_weights(directory, state, options.max_shard_bytes)
-    config = _hf_config(model, image_tokenizer, dtype)
-    config.save_pretrained(directory)
+    hf_config = _hf_config(model, config, image_tokenizer, dtype)
+    hf_config.save_pretrained(directory)
     _generation_config(image_tokenizer).save_pretrained(directory)
-    _write_processor_files(directory, model)
+    _write_processor_files(directory, config, model.num_visual_tokens)
     write_bundle(directory)
-    (directory / EXPORT_CARD_NAME).write_text(_card(model, config, options, state, dtype), encoding="utf-8")
+    card = _card(model, encoders, options, state, dtype)
+    (directory / EXPORT_CARD_NAME).write_text(card, encoding="utf-8")
     return sorted(p.name for p in directory.iterdir())
 
 
@@ -111,9 +124,9 @@ def _tokenizer_with_image_token(tokenizer, directory: Path):
     return copy
 
 
-def _cast_state(model, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _cast_state(source: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in source.items():
         tensor = tensor.detach().cpu()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
@@ -143,11 +156,11 @@ def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_by
         (directory / EXPORT_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _hf_config(model, tokenizer, dtype: str):
+def _hf_config(model, config, tokenizer, dtype: str):
     from mocha.export.hf_configuration import MochaConfig
 
     return MochaConfig(
-        mocha=model.self_contained_config().model_dump(),
+        mocha=config.model_dump(),
         vocab_size=max(model.llm.get_input_embeddings().num_embeddings, len(tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_NAME),
         num_image_tokens=model.num_visual_tokens,
@@ -166,16 +179,15 @@ def _generation_config(tokenizer):
                             pad_token_id=tokenizer.pad_token_id, do_sample=False)
 
 
-def _write_processor_files(directory: Path, model) -> None:
+def _write_processor_files(directory: Path, config, num_image_tokens: int) -> None:
     from mocha.export.chat_template import chat_template
 
-    config = model.self_contained_config()
     processor = {"processor_class": PROCESSOR_CLASS,
                  "auto_map": {"AutoProcessor": f"processing_mocha.{PROCESSOR_CLASS}"},
                  "encoders": [e.model_dump() for e in config.encoders],
                  "template": config.template,
                  "image_token": IMAGE_TOKEN_NAME,
-                 "num_image_tokens": model.num_visual_tokens}
+                 "num_image_tokens": num_image_tokens}
     (directory / EXPORT_PROCESSOR_CONFIG_NAME).write_text(json.dumps(processor, indent=2) + "\n")
     (directory / EXPORT_CHAT_TEMPLATE_NAME).write_text(chat_template(config.template))
     # tokenizer_config.json points AutoProcessor at the processor too (some loaders read only it).
@@ -185,15 +197,16 @@ def _write_processor_files(directory: Path, model) -> None:
     tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _card(model, config, options: HFExportOptions, state: dict[str, torch.Tensor], dtype: str) -> str:
+def _card(model, encoders, options: HFExportOptions, state: dict[str, torch.Tensor], dtype: str) -> str:
     from mocha.export.card import CardFacts, render_model_card
 
-    encoders = {kind: {"image_size": enc.image_size, "num_tokens": enc.num_tokens, "hidden_size": enc.hidden_size,
-                       "select_layer": enc.select_layer} for kind, enc in model.encoders.items()}
+    measured = {kind: {"image_size": enc.image_size, "num_tokens": enc.num_tokens, "hidden_size": enc.hidden_size,
+                       "select_layer": enc.select_layer} for kind, enc in encoders.items()}
     llm = model.llm.config
     facts = CardFacts(source=options.source or "a MoCHA model", dtype=dtype,
-                      num_parameters=sum(p.numel() for p in model.parameters()), num_image_tokens=model.num_visual_tokens,
-                      encoders=encoders, llm={"num_hidden_layers": llm.num_hidden_layers, "hidden_size": llm.hidden_size,
-                                              "vocab_size": model.llm.get_input_embeddings().num_embeddings},
+                      num_parameters=sum(t.numel() for t in state.values() if t.is_floating_point()),
+                      num_image_tokens=model.num_visual_tokens, encoders=measured,
+                      llm={"num_hidden_layers": llm.num_hidden_layers, "hidden_size": llm.hidden_size,
+                           "vocab_size": model.llm.get_input_embeddings().num_embeddings},
                       manifests=options.manifests, scores=options.scores)
     return render_model_card(model.config, facts)

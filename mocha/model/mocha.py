@@ -274,14 +274,16 @@ class MochaModel(nn.Module):
                   metadata={"format": "pt", "parts": ",".join(parts or PARTS)})
         return directory
 
-    def self_contained_config(self) -> ModelConfig:
+    def self_contained_config(self, encoders: nn.ModuleDict | None = None) -> ModelConfig:
         """The config with the LLM's (and, when loaded, the encoders') hub ids replaced by their
-        full architecture configs."""
+        full architecture configs. ``encoders``: built encoders to describe when this model was
+        built without them (training from features)."""
         cfg = self.config.model_copy(deep=True)
         cfg.llm = cfg.llm.model_copy(update={"pretrained": None, "config": _architecture(self.llm.config)})
-        if self.encoders is not None:
+        encoders = self.encoders if encoders is None else encoders
+        if encoders is not None:
             cfg.encoders = [e.model_copy(update={"pretrained": None,
-                                                 "config": _architecture(self.encoders[e.kind].model.config)})
+                                                 "config": _architecture(encoders[e.kind].model.config)})
                             for e in cfg.encoders]
         return cfg
 

@@ -46,15 +46,16 @@ def consolidated_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def save_export(job: JobConfig, model, state: dict[str, torch.Tensor], tokenizer) -> str:
-    """Write ``<storage>/<run>/export``: the whole model in ``save_pretrained`` form, the
-    trainable part alone for the next stage, and the tokenizer. Returns the export URL."""
+    """Write ``<storage>/<run>/export``: the whole model as a transformers-native folder
+    (``mocha.export.hf``: loads with or without mocha), the trainable part alone for the next
+    stage (``trainable.safetensors`` + ``mocha_config.json``). Returns the export URL."""
+    from mocha.export.hf import HFExportOptions, write_hf_folder
     from mocha.io import storage
 
     url = storage.join_url(job.run_dir, EXPORT_DIR)
     with tempfile.TemporaryDirectory(prefix="mocha-export-") as tmp:
-        model.save_pretrained(tmp, state_dict=state)
+        write_hf_folder(tmp, model, tokenizer, HFExportOptions(source=f"run {job.run.name}"), state_dict=state)
         model.save_pretrained(tmp, state_dict=state, parts=HANDOFF_PARTS)
-        tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).iterdir()):
             storage.upload_file(path, storage.join_url(url, path.name))
     log.info(f"[mocha] exported the trained model to {url}")
