@@ -61,9 +61,8 @@ def _score_lines(where: str, scores: dict) -> list[str]:
     pope = scores.get("pope") or {}
     if pope:
         metrics = sorted({k for split in pope.values() for k, v in split.items() if isinstance(v, (int, float))})
-        lines += [_table(["POPE split"] + metrics,
-                         [[split] + [_number(values.get(m)) for m in metrics] for split, values in sorted(pope.items())]),
-                  ""]
+        rows = [[split] + [_number(values.get(m)) for m in metrics] for split, values in sorted(pope.items())]
+        lines += [_table(["POPE split"] + metrics, rows), ""]
     mme = scores.get("mme") or {}
     if mme.get("totals"):
         lines += [_table(["MME"] + sorted(mme["totals"]), [["total"] + [_number(mme["totals"][k])

@@ -58,10 +58,12 @@ def chat_template(name: str) -> str:
             f"{{{{ system.text + {_literal(spec.sep)} }}}}\n"
             "{%- for message in turns -%}\n"
             "{%- if message['role'] == 'user' -%}"
-            f"{{{{ {_literal(user + ': ')} + render(message['content'], '\\n') + {_literal(spec.sep + assistant + ':')} }}}}"
+            f"{{{{ {_literal(user + ': ')} + render(message['content'], '\\n') + "
+            f"{_literal(spec.sep + assistant + ':')} }}}}"
             "{%- elif message['role'] == 'assistant' -%}"
             f"{{{{ ' ' + render(message['content'], '') + {_literal(spec.turn_end)} }}}}"
-            "{%- else -%}{{ raise_exception('roles must be system (first), user or assistant, got ' + message['role']) }}"
+            "{%- else -%}"
+            "{{ raise_exception('roles must be system (first), user or assistant, got ' + message['role']) }}"
             "{%- endif -%}\n"
             "{%- endfor -%}\n")
     return header + body

@@ -54,8 +54,7 @@ class HFExportOptions:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        self.max_shard_bytes  # validates
-
+        self.max_shard_bytes  # raises ConfigError for a bad size
 
     @property
     def max_shard_bytes(self) -> int:
@@ -147,7 +146,8 @@ def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_by
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    split = split_torch_state_dict_into_shards(state, filename_pattern=EXPORT_WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=EXPORT_WEIGHTS_PATTERN,
+                                               max_shard_size=max_shard_bytes)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: state[n] for n in names}, str(directory / filename), metadata={"format": "pt"})
     if split.is_sharded:

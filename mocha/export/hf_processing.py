@@ -55,15 +55,18 @@ class MochaProcessor(ProcessorMixin):
             ids.extend([self.image_token_id] * self.num_image_tokens if token == IMAGE_TOKEN_INDEX else [token])
         return ids
 
-    def __call__(self, images=None, text=None, padding_side: str = "left", return_tensors: str = "pt",
-                 **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, padding: bool | str = True, padding_side: str = "left",
+                 return_tensors: str = "pt", **kwargs) -> BatchFeature:
         """``text``: one rendered prompt or a list (``apply_chat_template``'s output); ``images``:
         one PIL image per ``<image>``, in order over the batch (a list, a list of lists, or one).
-        Returns ``input_ids``, ``attention_mask`` and ``pixel_values_<kind>`` per encoder."""
+        Returns ``input_ids``, ``attention_mask`` and ``pixel_values_<kind>`` per encoder; a batch is
+        always padded to its longest prompt (``padding`` is accepted for harnesses that pass it)."""
         if text is None:
             raise ValueError("MochaProcessor needs text (a prompt holding one <image> per image)")
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if padding not in (True, "longest"):
+            raise ValueError(f"padding={padding!r}: MochaProcessor pads every batch to its longest prompt")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt', got {return_tensors!r}")
         if padding_side not in ("left", "right"):

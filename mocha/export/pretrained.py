@@ -111,7 +111,8 @@ def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path 
             raise ConfigError(f"{source} is a training checkpoint (trainable weights only); pass --base with the "
                              f"pretrained directory it was trained from (e.g. the run's export)")
         if not is_pretrained_dir(base):
-            raise FileNotFoundError(f"--base {base} is not a saved MoCHA model (a run's export or `mocha export` output)")
+            raise FileNotFoundError(f"--base {base} is not a saved MoCHA model (a run's export or `mocha export` "
+                                    f"output)")
         model_dir, checkpoint = Path(base), source
     else:
         raise FileNotFoundError(f"{source} is neither a saved MoCHA model (a run's export or `mocha export` output) "

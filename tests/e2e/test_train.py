@@ -130,8 +130,9 @@ def test_stage2_from_features_on_s3_resumes_by_rerun(stage1, workspace, s3_bucke
     assert records[-1]["lm_loss"] < records[0]["lm_loss"]
     exported = load_file(_download(second.export_dir + "/model.safetensors", root / "s2.safetensors"))
     start = load_file(Path(result1.export_dir) / "model.safetensors")
-    # trained from features: the export carries no encoder weights (rebuilt from their config)
-    assert not any(k.startswith("encoders.") for k in exported)
+    # trained from features: the encoders were never on the trainers; the export builds them from
+    # their config (the frozen weights stage 1 trained with), so the folder loads without mocha
+    assert {k for k in exported if k.startswith("encoders.")} == {k for k in start if k.startswith("encoders.")}
     changed = {k.split(".")[0] for k in exported if not torch.equal(start[k], exported[k])}
     assert changed == {"connectors", "llm"}
 
