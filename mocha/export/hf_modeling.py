@@ -27,9 +27,10 @@ with ``MochaModel.from_pretrained``.
 
 Loading: transformers builds remote-code models inside a ``meta``-device context; the MoCHA
 parts compute non-persistent buffers (HGA group layout, CLIP/SigLIP position ids, rotary
-frequencies) in their constructors, which the loader would leave uninitialised on ``meta``. The
-parts are therefore built on the CPU (transformers skips the random init), then the checkpoint
-is loaded into them; a folder with missing or unexpected weights is an error, not a warning.
+frequencies) in their constructors, and the loader leaves buffers that are not in the checkpoint
+uninitialised. The parts are therefore built on the CPU, where those buffers come out exact and
+are kept aside; the checkpoint is loaded, then the kept buffers are put back. A folder with
+missing, unexpected or mis-shaped weights is an error, not a warning.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class MochaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         folder and nothing else (transformers only warns)."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {k: sorted(v)[:8] for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+        problems = {k: sorted(map(str, v))[:8] for k, v in info.items()
+                    if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"the weights do not match the MoCHA config: {problems}")
         model.restore_constructed_buffers()

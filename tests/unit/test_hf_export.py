@@ -347,3 +347,36 @@ def test_model_trained_from_features_exports_with_its_encoders(runs, tmp_path):
     want = model.state_dict()
     assert set(loaded.state_dict()) == set(want)
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+
+
+def test_transformers_loading_is_strict_and_restores_buffers(runs, exports, tmp_path):
+    """The model class (here imported from mocha, the same code the folder carries) refuses a
+    folder with a weight missing, and after loading its non-persistent buffers (position ids,
+    rotary frequencies, HGA layout), which transformers leaves uninitialised, are exact."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mocha.export.hf_modeling import MochaForConditionalGeneration
+
+    folder = exports["phi"]
+    model = MochaForConditionalGeneration.from_pretrained(folder)
+    reference, _ = load_pretrained(folder)
+    ours = dict(model.named_buffers())
+    assert set(ours) == set(dict(reference.named_buffers()))
+    assert all(torch.equal(ours[name], value) for name, value in reference.named_buffers())
+    assert any("position_ids" in name for name in ours) and any("inv_freq" in name for name in ours)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    index_path = broken / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "connectors.clip.router.weight" if "connectors.clip.router.weight" in index["weight_map"] else \
+        sorted(k for k in index["weight_map"] if k.startswith("connectors."))[0]
+    shard = broken / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="missing_keys"):
+        MochaForConditionalGeneration.from_pretrained(broken)
