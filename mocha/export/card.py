@@ -82,7 +82,7 @@ def _number(value) -> str:
 def render_model_card(config: ModelConfig, facts: CardFacts) -> str:
     """README.md text for an export of ``config``."""
     connector, hga = config.connector, config.hga
-    encoders = [[e.kind, e.pretrained or f"random init (seed {e.init_seed})", facts.encoders[e.kind]["image_size"],
+    encoders = [[e.kind, e.pretrained or "-", facts.encoders[e.kind]["image_size"],
                  facts.encoders[e.kind]["num_tokens"], facts.encoders[e.kind]["hidden_size"],
                  facts.encoders[e.kind]["select_layer"], e.channel_pool or 1] for e in config.encoders]
     hga_settings = {"graph": f"k={hga.k}, intra-group share {hga.intra_share}, chunk {hga.chunk_size or 'all'}",
@@ -119,15 +119,18 @@ def render_model_card(config: ModelConfig, facts: CardFacts) -> str:
         "",
         "## Architecture",
         "",
-        f"Frozen vision encoders ({facts.num_image_tokens} visual tokens per image, concatenated in this order):",
+        f"Frozen vision encoders ({facts.num_image_tokens} visual tokens per image, concatenated in this order; "
+        "every weight is in this folder, \"initialised from\" names the hub checkpoint when the exporting "
+        "model still knew it):",
         "",
-        _table(["encoder", "weights from", "image size", "tokens", "width", "layer", "channel pool"], encoders),
+        _table(["encoder", "initialised from", "image size", "tokens", "width", "layer", "channel pool"], encoders),
         "",
         f"- Connector: {connector.kind}" + (f", {connector.num_experts} experts, top-{connector.top_k}, balance loss "
                                             f"{connector.balance_coef}, router z-loss {connector.z_coef}"
                                             if connector.kind == "moe" else ""),
         f"- Hierarchical group attention (HGA): {hga.mode} ({hga_settings})",
-        f"- LLM: {config.llm.pretrained or 'random init'} ({config.llm.family} family), "
+        f"- LLM: {config.llm.family} family" + (f" from `{config.llm.pretrained}`" if config.llm.pretrained else "")
+        + ", "
         f"{facts.llm['num_hidden_layers']} layers, hidden size "
         f"{facts.llm['hidden_size']}, vocabulary {facts.llm['vocab_size']}"
         + (f"; MoE layers {experts.layers} ({experts.num_experts} experts, top-{experts.top_k})" if experts else ""),
