@@ -1,11 +1,11 @@
 """Write a model as a transformers-native folder that loads with or without mocha.
 
     mocha export --checkpoint RUN/export --out models/mocha-demo
-    mocha export --checkpoint RUN/checkpoint_000003 --base RUN/export --out models/mocha-step3 \\
+    mocha export --checkpoint RUN/checkpoints/step-00000300 --base RUN/export --out models/mocha-step300 \\
         --dtype bf16 --max-shard-size 2GB --manifest s3://bucket/shards --scores eval/scores.json
 
 --checkpoint is either a pretrained directory (a run's ``export/`` or an earlier ``mocha export``)
-or a training checkpoint (``state.json`` + trainable weights only), whose weights are laid over
+or a training checkpoint (``RUN/checkpoints/step-*``: trainable weights only), whose weights are laid over
 --base — the pretrained directory of the same model, which supplies the architecture, the
 frozen weights and the tokenizer (the run's ``export/``, or the stage-1 export for a stage-2
 checkpoint).
