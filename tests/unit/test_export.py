@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from mocha.cli import main
@@ -57,14 +56,27 @@ def test_export_then_load_generates_the_same_tokens(run, tmp_path):
     assert torch.equal(_generate(loaded, loaded_tokenizer, image), expected)
 
 
+def _write_checkpoint(directory, weights: dict[str, torch.Tensor]):
+    """A training checkpoint in mocha.train.checkpoint's format as one rank writes it: one shard of
+    flat fp32 fragments ``param/<name>@0``, index.json, state.json last."""
+    from mocha.io.tensor_files import TensorSpec, write_tensors
+    from mocha.train.checkpoint import FORMAT_VERSION
+
+    shard = "shard-00000-of-00001.safetensors"
+    size = write_tensors(str(directory / "shards" / shard),
+                         [TensorSpec(f"param/{n}@0", torch.float32, t.numel()) for n, t in weights.items()],
+                         (t.float().reshape(-1) for t in weights.values()))
+    (directory / "index.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "kinds": ["param"], "shards": {shard: size},
+        "shapes": {n: list(t.shape) for n, t in weights.items()},
+        "fragments": {f"param/{n}": [[shard, 0, t.numel()]] for n, t in weights.items()}}))
+    (directory / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "extra_state": {"step": 3}}))
+
+
 def _checkpoint_of(model, directory):
-    """What a stage-2 training checkpoint holds: trainable params only (fp32), optimizer, state."""
+    """What a stage-2 training checkpoint holds: trainable params only (fp32), global names."""
     model.set_trainable(2)
-    directory.mkdir()
-    save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-              str(directory / "model.safetensors"))
-    save_file({"step": torch.zeros(1)}, str(directory / "optimizer.safetensors"))
-    (directory / "state.json").write_text(json.dumps({"step": 3, "stage": 2}))
+    _write_checkpoint(directory, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
 
 
 def test_checkpoint_overlaid_on_base_export(run, tmp_path, capsys):
@@ -86,9 +98,7 @@ def test_checkpoint_overlaid_on_base_export(run, tmp_path, capsys):
 def test_checkpoint_of_another_model_is_rejected(run, tmp_path):
     """Library call: the mismatch is a ConfigError naming the tensor, and nothing is written."""
     root, *_ = run
-    (tmp_path / "ckpt").mkdir()
-    save_file({"connectors.nope.weight": torch.zeros(2)}, str(tmp_path / "ckpt" / "model.safetensors"))
-    (tmp_path / "ckpt" / "state.json").write_text("{}")
+    _write_checkpoint(tmp_path / "ckpt", {"connectors.nope.weight": torch.zeros(2)})
     with pytest.raises(ConfigError, match="connectors.nope.weight"):
         export_pretrained(tmp_path / "ckpt", tmp_path / "out", base=root / "export")
     assert not (tmp_path / "out").exists()
