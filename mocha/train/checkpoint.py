@@ -23,10 +23,11 @@ memory -- well inside the budget of 1.25 x its 1/N share + the largest tensor.
 
 **What a rank reads.** ``index.json`` maps every global tensor to the fragments that cover it; a
 rank computes the flat range it owns in the *current* layout (any world size, any ``ep_size``,
-any ZeRO stage) and reads only the overlapping byte ranges (ranged GETs on S3). Under ZeRO-1/2 the
-low-precision replica of each parameter is then rebuilt by DeepSpeed's own all-gather
-(``update_lp_params``), so no rank reads the full weights; a replicated parameter (no ZeRO) is read
-whole, as the rank holds it whole.
+any ZeRO stage) and reads only the overlapping byte ranges (ranged GETs on S3) of the fp32 weights
+and moments. Under ZeRO-1/2 a rank also holds a full low-precision replica of every parameter; it
+is read one tensor at a time (measured: DeepSpeed's own rebuild, ``update_lp_params``, all-gathers
+the whole flat buffer through a temporary as large as all weights, 1.5x the rank's share at N=4 on
+gloo, over the bound). A replicated parameter (no ZeRO) is read whole, as the rank holds it whole.
 
 **Complete or not.** Rank 0 writes ``state.json`` only after every rank's shard is written and the
 fragments are checked to cover every tensor exactly; :func:`incomplete_reason` also checks every
@@ -536,15 +537,18 @@ def load_checkpoint(engine, model: nn.Module, url: str) -> dict[str, Any]:
     if step > 0:
         _init_optimizer_state(engine, step)
     reader = _Reader(url, index)
-    for s in shares:
-        whole = s.how == "replica"  # the rank holds the whole tensor
-        for kind in kinds:
-            if whole:
-                s.set(kind, reader.read(kind, s.name, 0, s.total).to(s.param.device))
-            elif s.numel:
-                s.set(kind, reader.read(kind, s.name, s.start, s.numel).to(s.param.device))
-    if any(s.how == "hp" for s in shares) and hasattr(engine.optimizer, "update_lp_params"):
-        engine.optimizer.update_lp_params()  # rebuild every rank's low-precision replica (all-gather)
+    with torch.no_grad():
+        for s in shares:
+            whole = s.how == "replica"  # the rank holds the whole tensor
+            for kind in kinds:
+                if whole:
+                    s.set(kind, reader.read(kind, s.name, 0, s.total).to(s.param.device))
+                elif s.numel:
+                    s.set(kind, reader.read(kind, s.name, s.start, s.numel).to(s.param.device))
+            if s.how == "hp":  # ZeRO-1/2 keep a full low-precision replica: read it one tensor at a time
+                full = reader.read(PARAM, s.name, 0, s.total)
+                s.param.data.copy_(full.view(s.param.shape).to(s.param.dtype))
+                del full
     _restore_schedule(engine, state["scheduler"], float(state["optimizer"]["lr"]))
 
     engine.global_steps = state["global_steps"]

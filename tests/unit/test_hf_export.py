@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from mocha.cli import main
 from mocha.config import ConfigError
-from mocha.export.pretrained import export_pretrained, load_pretrained
+from mocha.export.pretrained import load_pretrained
 from mocha.export.chat_template import chat_template
 from mocha.export.hf import HFExportOptions
 from mocha.export.hf_processing import MochaProcessor
