@@ -21,6 +21,8 @@ module in brackets writes; readers import the names from here, never spell them 
 
     checkpoints/step-XXXXXXXX/       training checkpoints (``CHECKPOINT_*`` below)
     metrics.jsonl                    one JSON object per optimizer step, the whole run
+    samples/step-00000500.jsonl      sample ledger: the sample ids each step consumed, one file per
+                                     checkpoint interval (``mocha.train.ledger``)
     export/                          the trained model (``EXPORT_*`` below) at the end of a run
 
 **Training checkpoint** (``mocha.train.checkpoint``): ``<run dir>/checkpoints/step-00000500/``,
@@ -64,6 +66,8 @@ PROGRESS_DIR = "_progress"
 # -- run directory --------------------------------------------------------------------------------
 METRICS_NAME = "metrics.jsonl"
 EXPORT_DIR = "export"
+SAMPLES_DIR = "samples"
+SAMPLES_FILE = "step-{step:08d}.jsonl"  # .format(step=<last step of the interval>)
 
 # -- training checkpoint --------------------------------------------------------------------------
 CHECKPOINTS_DIR = "checkpoints"

@@ -353,6 +353,14 @@ def _architecture(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")}
 
 
+def supervised_positions(labels: Tensor) -> int:
+    """How many positions :func:`causal_lm_loss` averages over for a batch's *input* labels
+    (before the image placeholder is spliced): every label but the first of a row that is not
+    ``IGNORE_INDEX``. Splicing only inserts ignored visual positions and never truncates, so the
+    count is the same after it. Lets a training loop weight micro-batches by token count."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token cross-entropy averaged over supervised positions (0 when there are none)."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     if args.check:
         check_inputs(job)
-        print(f"{args.job}: valid (stage {job.stage}, {job.scaling.num_workers} workers, "
+        print(f"{args.job}: valid (stage {job.stage}, {job.scaling.describe}, "
               f"ZeRO-{job.deepspeed.zero_stage}, ep_size {job.deepspeed.ep_size})")
         return 0
     fit(job, resume_from=args.resume_from)

@@ -1,29 +1,39 @@
-"""Training data: a deterministic, world-size-independent sample order, read with Ray Data.
+"""Training data: a deterministic sample order that does not depend on the worker count, read with Ray Data.
 
 Why not a dynamic split: ``streaming_split`` hands blocks to whichever worker asks first, so
 which sample lands in which global batch changes from run to run. That breaks the two things
 users rely on when the autoscaler replaces or resizes nodes: an exact resume (a restarted run
 ends with the weights an uninterrupted run would have) and a resume on another worker count.
 
-The order here: the shard set (from its manifest) is dealt to ``S`` fixed *streams*, shard
-``i`` of an epoch's (seeded) shard permutation going to stream ``i % S``. Every optimizer step
-takes ``global_batch / S`` consecutive samples from each stream; worker ``r`` of ``W`` owns
-streams ``r, r + W, ...`` (``S`` is a multiple of ``W``) and splits its samples into
-``grad_accum`` micro-batches in stream order. The global batch of step ``t`` is therefore the
-same set of samples, in the same micro-batches, for any ``W`` dividing ``S``; a stream's
-position is ``t * global_batch / S`` samples, from which the shard and the offset inside it are
-found without reading anything before it. Each worker reads only its own streams' shards with
-``ray.data.read_webdataset`` (order preserved); streams wrap into the next epoch independently,
-so no sample is dropped at epoch ends.
+The order here: the shard set (from its manifest) is dealt to ``S`` fixed *streams*
+(``data.num_streams``, fixed for a run), shard ``i`` of an epoch's (seeded) shard permutation
+going to stream ``i % S``. Every optimizer step takes ``global_batch / S`` consecutive samples
+from each stream, so the global batch of step ``t`` is the same set of samples for any worker
+count ``W``. Worker ``r`` of ``W`` owns streams ``r, r + W, r + 2W, ...`` (:func:`rank_streams`:
+``ceil((S - r) / W)`` streams, uneven when ``W`` does not divide ``S``) and splits its samples
+into micro-batches of at most ``micro_batch`` in stream order. Every worker runs the same number
+of micro-batches per step, :func:`micro_batches_per_step` ``= ceil(ceil(S / W) * (global_batch /
+S) / micro_batch)`` -- DeepSpeed's ``gradient_accumulation_steps`` for ``W`` -- and a worker
+with fewer samples pads with *empty* micro-batches (no samples, zero loss weight; see
+``mocha.train.loop``): ZeRO reduces gradients collectively at every backward, so all ranks must
+run the same number. When ``micro_batch`` divides ``global_batch / S`` every micro-batch holds
+samples of one stream only, and the micro-batches themselves are the same for every ``W``.
+
+A stream's position is ``t * global_batch / S`` samples, from which the shard and the offset
+inside it are found without reading anything before it. Each worker reads only its own streams'
+shards with ``ray.data.read_webdataset`` (order preserved); streams wrap into the next epoch
+independently, so no sample is dropped at epoch ends. ``StepData.keys`` carries the sample ids
+(``__key__``) of the step by stream, for the run's sample ledger (``mocha.train.ledger``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Generic, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +41,7 @@ import torch
 from mocha.text.conversation import IGNORE_INDEX, TRAINABLE_STATUSES, tokenize_conversation
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,11 @@ class Batch:
     num_masked: int  # samples whose tokenisation did not line up (fully masked, counted)
     statuses: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def is_padding(self) -> bool:
+        """An empty micro-batch that only keeps this rank's collectives in step with the others."""
+        return self.num_samples == 0
+
     def model_inputs(self, device) -> dict[str, Any]:
         move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return dict(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
@@ -215,25 +231,56 @@ def collate(examples: list[Example], pad_token_id: int, preprocess=None) -> Batc
                  len(examples) - sum(1 for e in examples if e.status in TRAINABLE_STATUSES), statuses)
 
 
+def rank_streams(rank: int, world_size: int, num_streams: int) -> list[int]:
+    """The streams worker ``rank`` of ``world_size`` reads: ``rank, rank + W, rank + 2W, ...``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} workers")
+    return list(range(rank, num_streams, world_size))
+
+
+def samples_per_stream(global_batch: int, num_streams: int) -> int:
+    """Samples every stream contributes to each optimizer step."""
+    if global_batch % num_streams:
+        raise ValueError(f"schedule.global_batch_size ({global_batch}) must be a multiple of "
+                         f"data.num_streams ({num_streams})")
+    return global_batch // num_streams
+
+
+def micro_batches_per_step(world_size: int, num_streams: int, global_batch: int, micro_batch: int) -> int:
+    """Micro-batches every worker runs per optimizer step at ``world_size`` workers (DeepSpeed's
+    ``gradient_accumulation_steps``): what the worker with the most streams needs."""
+    most_streams = math.ceil(num_streams / world_size)
+    return max(1, math.ceil(most_streams * samples_per_stream(global_batch, num_streams) / micro_batch))
+
+
+@dataclass
+class StepData(Generic[T]):
+    """One worker's share of an optimizer step: ``micro_batches`` (exactly
+    :func:`micro_batches_per_step` of them, empty ones last) and the sample ids by stream."""
+
+    micro_batches: list[list[T]]
+    keys: dict[int, list[str]]
+
+
 class RankData:
     """The micro-batches of each optimizer step for one worker (see the module docstring)."""
 
     def __init__(self, plan: StreamPlan, rank: int, world_size: int, global_batch: int, micro_batch: int,
                  start_step: int, filesystem_for, decode):
         streams = plan.num_streams
-        if streams % world_size:
-            raise ValueError(f"{streams} data streams cannot be split over {world_size} workers "
-                             "(the stream count must be a multiple of the worker count)")
-        if global_batch % streams:
-            raise ValueError(f"global batch {global_batch} is not a multiple of the {streams} data streams")
-        self.per_stream = global_batch // streams
+        self.per_stream = samples_per_stream(global_batch, streams)
         self.micro_batch = micro_batch
-        self.streams = list(range(rank, streams, world_size))
+        self.num_micro_batches = micro_batches_per_step(world_size, streams, global_batch, micro_batch)
+        self.streams = rank_streams(rank, world_size, streams)
         consumed = start_step * self.per_stream
         self.iters = [iter(StreamReader(plan, s, consumed, filesystem_for)) for s in self.streams]
         self.decode = decode
 
-    def next_step(self) -> list[list[Example]]:
-        """This worker's examples for the next optimizer step, split into micro-batches."""
-        examples = [self.decode(next(it)) for it in self.iters for _ in range(self.per_stream)]
-        return [examples[i:i + self.micro_batch] for i in range(0, len(examples), self.micro_batch)]
+    def next_step(self) -> StepData:
+        """This worker's examples for the next optimizer step, split into micro-batches and padded
+        with empty ones to the step's micro-batch count."""
+        rows = {s: [next(it) for _ in range(self.per_stream)] for s, it in zip(self.streams, self.iters)}
+        examples = [self.decode(row) for s in self.streams for row in rows[s]]
+        micro = [examples[i:i + self.micro_batch] for i in range(0, len(examples), self.micro_batch)]
+        micro += [[] for _ in range(self.num_micro_batches - len(micro))]
+        return StepData(micro, {s: [str(row["__key__"]) for row in rows[s]] for s in self.streams})

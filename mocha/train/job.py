@@ -4,19 +4,24 @@ Everything a run needs is in the file: model, data, DeepSpeed/ZeRO and expert pa
 scaling, schedule, checkpointing, storage and the Ray runtime environment. ``load_job`` rejects
 an invalid file before any worker starts, naming each bad field. Command-line overrides use
 dotted paths: ``--set schedule.max_steps=10 --set scaling.num_workers=1``.
+
+Elastic runs: ``scaling.num_workers`` is a number or a range ``{min: 2, max: 8}``; every rule that
+depends on the worker count (the expert-parallel layout) is checked for *every* size in the range
+up front, and the sizes that fail are named. Nothing else depends on the worker count: the data
+order is fixed by ``data.num_streams`` and the global batch by ``schedule.global_batch_size``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
 
 from mocha.config import ConfigError, ModelConfig, StrictModel, load_yaml, parse_model
-from mocha.parallel.layout import LayoutError, check_layout
+from mocha.parallel.layout import AUTO, LayoutError, resolve_ep_size
 
 
 class InitConfig(StrictModel):
@@ -33,9 +38,11 @@ class DataConfig(StrictModel):
         default=None, description="dir or s3:// URL of precomputed feature shards; when set the frozen "
         "encoders are never loaded on the trainers")
     num_streams: int | None = Field(
-        default=None, ge=1, description="fixed number of data streams the shard set is split into; the "
-        "global batch order depends only on it, so a run resumes identically on any worker count that "
-        "divides it (default: scaling.num_workers)")
+        default=None, ge=1, description="fixed number of data streams the shard set is split into (keep it "
+        "for the whole run); the global batch order depends only on it, never on the worker count: worker "
+        "r of W reads streams r, r+W, r+2W, ... At least the largest worker count; a count with many "
+        "divisors of the worker counts you expect keeps every worker equally busy (default: the largest "
+        "scaling.num_workers)")
     shuffle_shards: bool = True
     prefetch_batches: int = Field(
         default=2, ge=0, description="optimizer steps whose micro-batches are read, decoded and collated "
@@ -43,8 +50,10 @@ class DataConfig(StrictModel):
 
 
 class ScheduleConfig(StrictModel):
-    global_batch_size: int = Field(default=128, ge=1)
-    micro_batch_size: int = Field(default=4, ge=1, description="samples per worker per forward pass")
+    global_batch_size: int = Field(default=128, ge=1, description="samples per optimizer step, whatever the "
+                                   "worker count (a multiple of data.num_streams); gradient accumulation adapts")
+    micro_batch_size: int = Field(default=4, ge=1, description="samples per worker per forward pass (at most: a "
+                                  "worker's last micro-batch of a step may be smaller)")
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; default: epochs over the data")
     epochs: float = Field(default=1.0, gt=0)
     lr: float = Field(default=2e-5, gt=0)
@@ -63,8 +72,10 @@ class ScheduleConfig(StrictModel):
 class DeepSpeedConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
-    ep_size: int = Field(default=1, ge=1, description="expert-parallel group size; divides the world size "
-                         "and every MoE layer's number of experts")
+    ep_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=AUTO, description="expert-parallel group size: 'auto' (the largest size dividing the current "
+        "worker count and every MoE layer's expert count, chosen each time the worker group starts) or a "
+        "number, which must divide every worker count in scaling.num_workers and every expert count")
 
 
 class CheckpointConfig(StrictModel):
@@ -72,11 +83,55 @@ class CheckpointConfig(StrictModel):
     keep: int = Field(default=3, ge=1, description="checkpoints kept in the storage path (Ray CheckpointConfig)")
 
 
+class WorkerRange(StrictModel):
+    """An elastic worker count: Ray Train runs with as many workers as the cluster has room for,
+    between ``min`` and ``max``, and resizes when nodes leave or join."""
+
+    min: int = Field(ge=1, description="fewest workers the run trains with (it waits below that)")
+    max: int = Field(ge=1, description="most workers the run grows to")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WorkerRange":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
 class ScalingConfig(StrictModel):
-    num_workers: int = Field(default=1, ge=1)
+    num_workers: Annotated[int, Field(ge=1)] | WorkerRange = Field(
+        default=1, description="training workers: a number, or a range {min: 2, max: 8} for elastic training "
+        "(Ray Train resizes the group when nodes leave or join and resumes from the latest checkpoint)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=1, ge=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each worker reserves (e.g. a custom node "
+        "resource {trainer_slot: 1}); elastic runs count the workers a node can hold by every reserved resource")
+    resize_check_s: float = Field(
+        default=60.0, gt=0, description="elastic runs: how often Ray Train checks whether the cluster has room "
+        "for more workers (ScalingConfig.elastic_resize_monitor_interval_s)")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers.min if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers.max if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train with."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    @property
+    def describe(self) -> str:
+        return (f"{self.min_workers}-{self.max_workers} workers (elastic)" if self.elastic
+                else f"{self.num_workers} workers")
 
 
 class RunConfig(StrictModel):
@@ -100,19 +155,12 @@ class JobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
-        workers, ep = self.scaling.num_workers, self.deepspeed.ep_size
-        try:
-            check_layout(workers, self.deepspeed.zero_stage, ep, self.expert_counts)
-        except LayoutError as e:
-            raise ValueError(str(e)) from None
-        streams = self.data.num_streams or workers
-        if streams % workers:
-            raise ValueError(f"data.num_streams ({streams}) must be a multiple of scaling.num_workers ({workers})")
+        self._check_layout_for_every_worker_count()
+        streams, most = self.num_streams, self.scaling.max_workers
+        if streams < most:
+            raise ValueError(f"data.num_streams ({streams}) must be at least the largest worker count ({most}): "
+                             "a worker without a stream would only run padding")
         sched = self.schedule
-        per_step = sched.micro_batch_size * workers
-        if sched.global_batch_size % per_step:
-            raise ValueError(f"schedule.global_batch_size ({sched.global_batch_size}) must be a multiple of "
-                             f"micro_batch_size x num_workers ({per_step})")
         if sched.global_batch_size % streams:
             raise ValueError(f"schedule.global_batch_size ({sched.global_batch_size}) must be a multiple of "
                              f"data.num_streams ({streams})")
@@ -121,6 +169,29 @@ class JobConfig(StrictModel):
         if self.stage == 2 and self.model.template == "plain":
             raise ValueError("stage 2 instruction-tunes with a chat template ('vicuna_v1' or 'phi'), not 'plain'")
         return self
+
+    def _check_layout_for_every_worker_count(self) -> None:
+        """``deepspeed.ep_size`` (a number, or 'auto') must give a valid layout at every worker count
+        of the range; one error names all the counts that fail."""
+        failures = {}
+        for world in self.scaling.worker_counts:
+            try:
+                self.ep_size_for(world)
+            except LayoutError as e:
+                failures[world] = str(e)
+        if not failures:
+            return
+        if len(failures) == 1:
+            (world, message), = failures.items()
+            raise ValueError(message)
+        sizes = ", ".join(str(w) for w in failures)
+        raise ValueError(f"deepspeed.ep_size ({self.deepspeed.ep_size}) does not fit {len(failures)} of the worker "
+                         f"counts in scaling.num_workers: {sizes} (first: {next(iter(failures.values()))}); "
+                         "use ep_size: auto or narrow the range")
+
+    def ep_size_for(self, world_size: int) -> int:
+        """The expert-parallel size at ``world_size`` workers (raises ``LayoutError`` naming the field)."""
+        return resolve_ep_size(self.deepspeed.ep_size, world_size, self.deepspeed.zero_stage, self.expert_counts)
 
     @property
     def expert_counts(self) -> dict[str, int]:
@@ -133,13 +204,8 @@ class JobConfig(StrictModel):
         return counts
 
     @property
-    def grad_accum(self) -> int:
-        s = self.schedule
-        return s.global_batch_size // (s.micro_batch_size * self.scaling.num_workers)
-
-    @property
     def num_streams(self) -> int:
-        return self.data.num_streams or self.scaling.num_workers
+        return self.data.num_streams or self.scaling.max_workers
 
     @property
     def run_dir(self) -> str:

@@ -49,10 +49,29 @@ def connect_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
+def scaling_kwargs(job: JobConfig) -> dict:
+    """Ray Train's ``ScalingConfig`` arguments: a fixed worker count, or for a range the elastic
+    ``num_workers=(min, max)`` tuple (Ray Train v2 resizes the group as nodes leave and join,
+    checking for room every ``scaling.resize_check_s`` seconds, and restarts ``train_func`` from
+    the latest checkpoint at the new size)."""
+    scaling = job.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    kwargs = {"num_workers": scaling.num_workers, "use_gpu": scaling.use_gpu, "resources_per_worker": resources}
+    if scaling.elastic:
+        kwargs.update(num_workers=(scaling.min_workers, scaling.max_workers),
+                      elastic_resize_monitor_interval_s=scaling.resize_check_s)
+    return kwargs
+
+
 def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
     """Train one stage. Resumes from the newest complete checkpoint in the run's storage path when
     the same job is rerun or Ray Train restarts the workers after a failure, or from
-    ``resume_from`` (a checkpoint folder, e.g. of another run) when it is further along."""
+    ``resume_from`` (a checkpoint folder, e.g. of another run) when it is further along. With a
+    worker range (``scaling.num_workers: {min, max}``) the run is elastic: a lost node costs a
+    restart from the newest checkpoint at the smaller size (it counts against
+    ``run.max_failures``), and the group grows again when the cluster has room."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -68,14 +87,10 @@ def fit(job: JobConfig, resume_from: str | None = None) -> RunResult:
         storage_fs, storage_path = resolve_filesystem(storage_path)
     else:
         os.makedirs(storage_path, exist_ok=True)
-    resources = {"CPU": job.scaling.cpus_per_worker}
-    if job.scaling.use_gpu:
-        resources["GPU"] = job.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job": job.model_dump(mode="json"), "resume_from": resume_from},
-        scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(**scaling_kwargs(job)),
         run_config=ray.train.RunConfig(
             name=job.run.name,
             storage_path=storage_path,

@@ -10,6 +10,34 @@ The model is built without the frozen encoders when training from feature shards
 micro-batches are read, decoded and collated on a background thread (``data.prefetch_batches``
 deep); the checkpointed data position is the optimizer steps the loop consumed, never how far the
 prefetcher has read ahead.
+
+Any worker count gives the same step (elastic training). At ``W`` workers the layout is chosen
+when the worker group starts: ``ep_size`` from ``deepspeed.ep_size`` (``auto``: the largest size
+that fits ``W``; a number that does not fit ``W`` fails here with a ``LayoutError`` naming the
+field), and DeepSpeed's ``gradient_accumulation_steps`` ``G`` = micro-batches per worker per step
+(``mocha.train.data.micro_batches_per_step``; workers with fewer samples run empty micro-batches).
+The global batch is always ``B = schedule.global_batch_size`` samples and the lr schedule counts
+optimizer steps, so neither changes with ``W``. The loss is normalised so that the gradient does
+not depend on ``W`` or on how the samples are split into micro-batches either:
+
+    N   = number of supervised label positions in the whole step, all workers
+          (``supervised_positions``; one all-reduce of a scalar before the step's micro-batches)
+    J   = sum over the step's micro-batches b (all workers) of
+          CE_b / N  +  (n_b / B) * aux_b
+          CE_b: summed next-token cross-entropy of b (its mean ``lm_loss`` x its positions)
+          n_b: samples in b (0 for an empty micro-batch), aux_b: b's connector balance/z losses
+          and LLM-expert losses (per micro-batch statistics, weighted by b's share of samples)
+    backward(W * G * J_b)  for each micro-batch's term J_b
+
+DeepSpeed divides each backward's loss by ``G`` and averages gradients over the ``W``
+data-parallel ranks (expert gradients are summed over their expert-data-parallel group and
+divided by ``W`` too), so the optimizer sees exactly ``grad J``: the token-mean LM loss of the
+whole global batch plus the sample-weighted auxiliary losses. Gradient clipping acts on that
+gradient. An empty micro-batch contributes ``0 * (...)`` (the model's dummy-visual path keeps
+expert-parallel all-to-alls matched). The reported ``loss`` is ``J`` and ``lm_loss`` the global
+token mean, both the same for any ``W``. The one term that can depend on ``W`` is ``aux_b`` when
+a worker's micro-batch mixes streams (``micro_batch_size`` not dividing ``B / num_streams``): the
+balance loss is a statistic of the micro-batch it is computed on.
 """
 
 from __future__ import annotations
@@ -25,6 +53,7 @@ import numpy as np
 import torch
 
 from mocha.train.job import JobConfig
+from mocha.train.ledger import SampleLedger
 from mocha.train.metrics import MetricsLog, StepMetrics
 
 log = logging.getLogger(__name__)  # not print: see mocha.train.metrics
@@ -66,6 +95,13 @@ class Run:
     plan: Any  # mocha.train.data.StreamPlan
     total_steps: int
     metrics: MetricsLog
+    ep_size: int  #: expert-parallel size chosen for this world size
+    grad_accum: int  #: micro-batches per worker per step at this world size
+    ledger: Any  # mocha.train.ledger.SampleLedger
+
+    @property
+    def layout(self) -> dict[str, int]:
+        return {"world_size": self.world, "ep_size": self.ep_size, "grad_accum": self.grad_accum}
 
 
 def seed_everything(seed: int) -> None:
@@ -104,11 +140,16 @@ def build_model(job: JobConfig, vocab_size: int, device):
 
 def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
     """Tokenizer, model and DeepSpeed engine (ZeRO, expert parallelism, warmup-cosine schedule)."""
+    from mocha.parallel.layout import LayoutError
     from mocha.text.tokenizer import load_tokenizer
-    from mocha.train.data import StreamPlan
+    from mocha.train.data import StreamPlan, micro_batches_per_step
     from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine, warmup_cosine_schedule
     from mocha.train.shards import load_shard_refs
 
+    try:
+        ep_size = job.ep_size_for(world)
+    except LayoutError as e:
+        raise LayoutError(f"cannot train with {world} workers: {e}") from None
     on_gpu = job.scaling.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
@@ -121,14 +162,19 @@ def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
     plan = StreamPlan(shards, job.num_streams, seed=job.schedule.seed, shuffle=job.data.shuffle_shards)
     steps = total_steps(job, plan.samples_per_epoch())
     sched = job.schedule
+    grad_accum = micro_batches_per_step(world, job.num_streams, sched.global_batch_size, sched.micro_batch_size)
     ds_config = build_deepspeed_config(DeepSpeedSettings(
         zero_stage=job.deepspeed.zero_stage, offload_optimizer=job.deepspeed.offload_optimizer,
-        micro_batch_size=sched.micro_batch_size, grad_accum=sched.global_batch_size // (sched.micro_batch_size * world),
+        micro_batch_size=sched.micro_batch_size, grad_accum=grad_accum,
         grad_clip=sched.grad_clip, precision=resolve_precision(sched.precision, on_gpu), lr=sched.lr,
         weight_decay=sched.weight_decay, betas=tuple(sched.betas)))
-    engine = initialize_engine(model, ds_config, ep_size=job.deepspeed.ep_size, lr_scheduler_fn=warmup_cosine_schedule(
+    engine = initialize_engine(model, ds_config, ep_size=ep_size, lr_scheduler_fn=warmup_cosine_schedule(
         math.ceil(steps * sched.warmup_ratio), steps, sched.min_lr_ratio))
-    return Run(job, rank, world, device, tokenizer, model, engine, plan, steps, MetricsLog(job, rank))
+    if rank == 0:
+        print(f"[mocha] {world} workers: ep_size {ep_size}, {grad_accum} micro-batches of <= {sched.micro_batch_size} "
+              f"per worker per step, global batch {sched.global_batch_size}, {job.num_streams} data streams", flush=True)
+    return Run(job, rank, world, device, tokenizer, model, engine, plan, steps, MetricsLog(job, rank),
+               ep_size, grad_accum, SampleLedger(job.run_dir, rank, world))
 
 
 def find_checkpoint(run: Run, resume_from: str | None) -> str | None:
@@ -170,10 +216,10 @@ def restore(run: Run, state: TrainState, url: str | None) -> None:
 
 
 def rank_batches(run: Run, state: TrainState):
-    """A callable returning this worker's collated micro-batches of the next optimizer step,
-    reading from the data position in ``state``."""
+    """A callable returning this worker's share of the next optimizer step (``StepData`` of
+    collated micro-batches, empty ones included), reading from the data position in ``state``."""
     from mocha.io.storage import resolve_filesystem
-    from mocha.train.data import RankData, collate, decode_row
+    from mocha.train.data import RankData, StepData, collate, decode_row
 
     job, model = run.job, run.model
     from_features = job.data.features is not None
@@ -186,38 +232,70 @@ def rank_batches(run: Run, state: TrainState):
                     state.step, resolve_filesystem, decode)
     preprocess = None if from_features else model.preprocess
     pad_id = run.tokenizer.pad_token_id
-    return lambda: [collate(mb, pad_id, preprocess) for mb in data.next_step()]
+    def make_step() -> StepData:
+        step = data.next_step()
+        return StepData([collate(mb, pad_id, preprocess) for mb in step.micro_batches], step.keys)
+
+    return make_step
+
+
+def global_supervised_positions(batches, device) -> int:
+    """``N``: supervised label positions of the whole step, summed over all workers."""
+    from mocha.model.mocha import supervised_positions
+
+    count = torch.tensor([sum(supervised_positions(b.labels) for b in batches)], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    return int(count.item())
 
 
 def train_step(run: Run, batches) -> StepMetrics:
     """Forward/backward every micro-batch of one optimizer step (DeepSpeed steps the optimizer
-    at the accumulation boundary); this worker's summed metrics."""
+    at the accumulation boundary) with the loss normalised as the module docstring says; this
+    worker's share of the step's metrics."""
+    from mocha.model.mocha import supervised_positions
+
     engine, model, experts = run.engine, run.model, run.job.model.llm_experts
+    if len(batches) != run.grad_accum:
+        raise RuntimeError(f"{len(batches)} micro-batches for a step of {run.grad_accum}: the data and the "
+                           "engine disagree on the accumulation steps")
+    positions = max(1, global_supervised_positions(batches, run.device))
+    global_batch = run.job.schedule.global_batch_size
+    backward_scale = run.world * run.grad_accum  # undoes DeepSpeed's 1/G per backward and 1/W rank average
     m = StepMetrics()
     for batch in batches:
         inputs = batch.model_inputs(run.device)
-        if inputs["features"] is None and inputs["pixel_values"] is None:
+        dummy = inputs["features"] is None and inputs["pixel_values"] is None
+        if dummy:
             inputs["features"] = dummy_features(model, run.device)
         out = engine(**inputs)
-        loss = out.loss
+        aux = out.loss - out.lm_loss  # connector balance/z losses (or the zero-weight dummy-visual term)
+        llm_aux = None
         if experts is not None:
             from mocha.model.moe_llm import collect_moe_losses
 
             balance, z = collect_moe_losses(model.llm)
-            aux = experts.balance_coef * balance + experts.z_coef * z
-            loss = loss + aux
-            m.moe_llm_loss += float(aux.detach())
-        engine.backward(loss)
+            llm_aux = experts.balance_coef * balance + experts.z_coef * z
+            aux = aux + llm_aux
+        token_weight = supervised_positions(batch.labels) / positions
+        sample_weight = batch.num_samples / global_batch
+        objective = out.lm_loss * token_weight + aux * sample_weight
+        engine.backward(objective * backward_scale)
         engine.step()
-        m.loss += float(loss.detach())
-        m.lm_loss += float(out.lm_loss.detach())
-        m.balance_loss += float(out.balance_loss.detach())
-        m.z_loss += float(out.z_loss.detach())
+        m.loss += float(objective.detach())
+        m.lm_loss += float(out.lm_loss.detach()) * token_weight
+        m.balance_loss += float(out.balance_loss.detach()) * sample_weight
+        m.z_loss += float(out.z_loss.detach()) * sample_weight
+        if llm_aux is not None:
+            m.moe_llm_loss += float(llm_aux.detach()) * sample_weight
+        if batch.is_padding:
+            continue
         m.tokens += int(batch.attention_mask.sum())
         m.samples += batch.num_samples
         m.masked_samples += batch.num_masked
-        for kind, load in out.expert_load.items():
-            m.expert_load[kind] = m.expert_load.get(kind, 0) + load.detach().float().cpu()
+        if not dummy:
+            for kind, load in out.expert_load.items():
+                m.expert_load[kind] = m.expert_load.get(kind, 0) + load.detach().float().cpu()
     return m
 
 
@@ -280,15 +358,17 @@ def train_func(config: dict) -> None:
                         total=run.total_steps - state.step) as prefetched:
         while state.step < run.total_steps:
             t_start = time.perf_counter()
-            batches = prefetched.next()  # data wait: what prefetching did not hide
+            step_data = prefetched.next()  # data wait: what prefetching did not hide
             t_data = time.perf_counter() - t_start
-            m = train_step(run, batches)
+            m = train_step(run, step_data.micro_batches)
             state.advance(job.schedule.global_batch_size)
-            record = run.metrics.step_record(state.step, m, len(batches), time.perf_counter() - t_start, t_data,
+            run.ledger.record(state.step, step_data.keys)
+            record = run.metrics.step_record(state.step, m, run.layout, time.perf_counter() - t_start, t_data,
                                              lr=run.engine.lr_scheduler.get_last_lr()[0])
             final = state.step == run.total_steps
             # Ray Train hears from the loop only with checkpoints: Ray Train v2 keeps only metrics
             # attached to a checkpoint, and each report is a round trip through the controller
             # (about 1.8 s a step on 2 CPU cores). Per-step metrics go to metrics.jsonl and the log.
             if state.step % job.checkpoint.every_steps == 0 or final:
+                run.ledger.flush(state.step)  # before the checkpoint: see mocha.train.ledger
                 save(run, state, record, final)

@@ -4,6 +4,12 @@
 ``<storage>/<run>/metrics.jsonl``; a resumed run restores the history from its checkpoint, so
 the file always covers the whole run exactly once.
 
+The losses are the step's, whatever the worker count: each worker adds its share of the step's
+objective (``mocha.train.loop``: token-weighted LM loss, sample-weighted auxiliary losses) and the
+shares are summed over workers. ``world_size``, ``ep_size`` and ``grad_accum`` record the layout
+the step ran with (they change when an elastic run resizes); ``samples`` is the step's global
+batch.
+
 ``data_wait_s`` is the time the loop blocked waiting for the step's collated micro-batches
 (mean over workers); ``data_wait_fraction`` = summed waits / summed step times. The batches are
 prepared ahead on a background thread (``data.prefetch_batches``), so this is the part of the
@@ -31,7 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepMetrics:
-    """Per-step sums over this worker's micro-batches (averaged over workers before reporting)."""
+    """This worker's share of one step: losses already weighted so that the sum over workers is the
+    step's value; counts summed."""
 
     loss: float = 0.0
     lm_loss: float = 0.0
@@ -56,28 +63,30 @@ class MetricsLog:
         self.job, self.rank = job, rank
         self.records: list[dict] = []
 
-    def step_record(self, step: int, m: StepMetrics, micro_batches: int, elapsed: float, data_wait: float,
+    def step_record(self, step: int, m: StepMetrics, layout: dict[str, int], elapsed: float, data_wait: float,
                     lr: float) -> dict:
-        """Average this step's numbers over micro-batches and workers; rank 0 logs and keeps it."""
-        scalars = torch.tensor([m.loss, m.lm_loss, m.balance_loss, m.z_loss, m.moe_llm_loss, micro_batches,
+        """Sum this step's shares over workers; rank 0 logs and keeps the record. ``layout``: the
+        step's ``world_size``, ``ep_size`` and ``grad_accum`` (micro-batches per worker)."""
+        scalars = torch.tensor([m.loss, m.lm_loss, m.balance_loss, m.z_loss, m.moe_llm_loss,
                                 m.tokens, m.samples, m.masked_samples, elapsed, data_wait], dtype=torch.float64)
         kinds = sorted(m.expert_load)
         loads = torch.stack([m.expert_load[k] for k in kinds]).double() if kinds else torch.zeros(0)
         scalars = _all_reduce_sum(scalars)
         loads = _all_reduce_sum(loads) if kinds else loads
-        loss, lm, bal, z, moe, mbs, tokens, samples, masked, elapsed_sum, wait_sum = scalars.tolist()
-        world = max(1, round(mbs / max(1, micro_batches)))
+        loss, lm, bal, z, moe, tokens, samples, masked, elapsed_sum, wait_sum = scalars.tolist()
+        world = layout["world_size"]
         step_time = elapsed_sum / world
         record = {
-            "step": step, "stage": self.job.stage, "loss": loss / mbs, "lm_loss": lm / mbs,
-            "balance_loss": bal / mbs, "z_loss": z / mbs, "lr": lr,
+            "step": step, "stage": self.job.stage, "loss": loss, "lm_loss": lm,
+            "balance_loss": bal, "z_loss": z, "lr": lr,
             "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
             "samples": int(samples), "masked_samples": int(masked),
             "step_time_s": step_time, "data_wait_s": wait_sum / world,
             "data_wait_fraction": (wait_sum / elapsed_sum) if elapsed_sum > 0 else 0.0,
+            **layout,
         }
         if self.job.model.llm_experts is not None:
-            record["moe_llm_loss"] = moe / mbs
+            record["moe_llm_loss"] = moe
         for i, kind in enumerate(kinds):
             total = loads[i].sum().item()
             record[f"expert_load/{kind}"] = [round(v / total, 6) if total else 0.0 for v in loads[i].tolist()]
@@ -86,7 +95,8 @@ class MetricsLog:
             if step % self.job.schedule.log_every == 0:
                 log.info(f"[mocha] stage {self.job.stage} step {step}: loss {record['loss']:.4f} "
                          f"(lm {record['lm_loss']:.4f}, balance {record['balance_loss']:.4f}, z {record['z_loss']:.4f}) "
-                         f"lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s data-wait {record['data_wait_fraction']:.1%}")
+                         f"lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s data-wait {record['data_wait_fraction']:.1%} "
+                         f"[{world} workers]")
         return record
 
     def write(self, checkpoint_url: str | None = None) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mocha.model.mocha import MochaModel, causal_lm_loss
+from mocha.model.mocha import MochaModel, causal_lm_loss, supervised_positions
 from mocha.model.tiny import tiny_llm_config, tiny_model_config
 from mocha.text.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -68,6 +68,25 @@ def test_splice_matches_per_sample_reference(model):
     assert got[0].shape == (3, 9 + model.num_visual_tokens - 1, model.llm.config.hidden_size)
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_supervised_positions_of_input_labels_are_the_positions_the_lm_loss_averages(model):
+    """Training weights each micro-batch by its supervised positions, counted before the forward
+    on the input labels: the count must equal what causal_lm_loss averages over after splicing."""
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (3, 8))
+    ids[0, 1] = IMAGE_TOKEN_INDEX
+    ids[2, 0] = IMAGE_TOKEN_INDEX
+    labels = ids.clone().masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+    labels[1, :4] = IGNORE_INDEX  # an instruction part
+    labels[0, 0] = 7  # a label on a row's first position is never predicted
+    visual = torch.randn(2, model.num_visual_tokens, model.llm.config.hidden_size)
+    _, _, spliced = model.splice(ids, torch.ones_like(ids), labels, visual)
+    assert supervised_positions(labels) == int((spliced[:, 1:] != IGNORE_INDEX).sum()) == 3 * 7 - 1 - 3  # row 0: placeholder; row 1: positions 1-3
+    logits = torch.randn(3, spliced.shape[1], VOCAB)
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), spliced[:, 1:].reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(causal_lm_loss(logits, spliced) * supervised_positions(labels), total)
 
 
 def test_splice_rejects_wrong_visual_count_and_two_placeholders(model):
