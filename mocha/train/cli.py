@@ -7,6 +7,7 @@ same job (same run.name and run.storage_path) resumes from its latest checkpoint
 examples:
   mocha train runs/demo/jobs/stage1.yaml --set schedule.max_steps=50   # a job `mocha demo` wrote
   mocha train jobs/stage2.yaml --set scaling.num_workers=16 --set schedule.max_steps=100
+  mocha train jobs/stage2.yaml --set 'scaling.num_workers={min: 4, max: 16}'   # elastic
   ray job submit --working-dir . -- mocha train jobs/stage2.yaml
 """
 
@@ -16,6 +17,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mocha.train.job import field_reference
+
+    parser.epilog = field_reference()
     parser.add_argument("job", help="job YAML (jobs/stage1.yaml, jobs/stage2.yaml, or runs/demo/jobs/*.yaml written by `mocha demo`)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field by dotted path, value parsed as YAML (repeatable)")

@@ -137,7 +137,8 @@ class ScalingConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage_path: str = Field(description="local dir or s3:// URL; checkpoints go to <storage_path>/<name>")
-    max_failures: int = Field(default=3, ge=-1, description="worker-failure restarts (-1: unlimited)")
+    max_failures: int = Field(default=3, ge=-1, description="worker-failure restarts, a node an elastic run "
+                              "loses included (-1: unlimited)")
 
 
 class JobConfig(StrictModel):
@@ -262,3 +263,21 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     apply_overrides(data, overrides or [])
     resolve_relative_paths(data, Path(os.getcwd()))
     return parse_model(JobConfig, data, str(path))
+
+
+def field_reference(sections: tuple[str, ...] = ("data", "schedule", "deepspeed", "checkpoint", "scaling", "run")) -> str:
+    """The job fields of ``sections`` with their defaults and descriptions (``mocha train --help``)."""
+    from pydantic_core import PydanticUndefined
+
+    lines = ["job fields (section.field [default]: description):"]
+    for section in sections:
+        model = JobConfig.model_fields[section].annotation
+        for name, field in model.model_fields.items():
+            if field.default is not PydanticUndefined:
+                default = f" [{field.default}]"
+            elif field.default_factory is not None:
+                default = f" [{field.default_factory()}]"
+            else:
+                default = " [required]"
+            lines.append(f"  {section}.{name}{default}" + (f": {field.description}" if field.description else ""))
+    return "\n".join(lines)
