@@ -53,8 +53,11 @@ class StepMetrics:
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        values = values.clone()
-        torch.distributed.all_reduce(values)
+        dist = torch.distributed
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+        reduced = values.to(device, copy=True)  # NCCL reduces only GPU tensors
+        dist.all_reduce(reduced)
+        values = reduced.to(values.device)
     return values
 
 

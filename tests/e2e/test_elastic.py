@@ -47,7 +47,7 @@ def elastic_job(workspace, name: str, **sections):
     data["data"].update(features=None, num_streams=4)
     data["schedule"].update(micro_batch_size=2)
     data["deepspeed"]["ep_size"] = "auto"
-    data["checkpoint"]["every_steps"] = 2
+    data["checkpoint"].update(every_steps=2, keep=3)  # all three checkpoints stay: resumes start at 2 and 4
     data["scaling"]["cpus_per_worker"] = 0.25  # 3 workers leave a CPU for their Ray Data reads
     data["run"]["name"] = name
     for section, values in sections.items():

@@ -155,7 +155,11 @@ def test_resume_on_one_worker_follows_the_two_worker_trajectory(stage1, workspac
     ckpt = _checkpoints(result.run_dir)[3]
     one = _job(workspace, 1, "s1-one-worker",
                scaling={"num_workers": 1, "cpus_per_worker": 0.5}, deepspeed={"ep_size": 1})
-    assert one.grad_accum == 2 * job.grad_accum
+    from mocha.train.data import micro_batches_per_step
+
+    sched = job.schedule
+    assert micro_batches_per_step(1, one.num_streams, sched.global_batch_size, sched.micro_batch_size) == \
+        2 * micro_batches_per_step(2, job.num_streams, sched.global_batch_size, sched.micro_batch_size)
     resumed = fit(one, resume_from=str(ckpt))
     after = _metrics(resumed.run_dir)
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]  # history carried over from the checkpoint
