@@ -48,9 +48,9 @@ def cluster():
     c = None
     try:
         c = Cluster(initialize_head=True, connect=True,
-                    head_node_args={"num_cpus": 1, "temp_dir": ray_tmp, "include_dashboard": False})
-        c.add_node(temp_dir=ray_tmp, **TRAINER_NODE)
-        yield c, ray_tmp
+                    head_node_args={"num_cpus": 1, "include_dashboard": False})  # under RAY_TMPDIR
+        c.add_node(**TRAINER_NODE)
+        yield c
     finally:
         ray.shutdown()
         if c is not None:
@@ -150,7 +150,6 @@ def test_an_elastic_run_grows_when_a_node_joins_and_finishes_alone_when_it_leave
     from mocha.train.launcher import fit
     from mocha.train.ledger import read_ledger
 
-    cluster, ray_tmp = cluster
     job = _job(workspace)
     run_dir = Path(job.run_dir)
     outcome: list = []
@@ -166,7 +165,7 @@ def test_an_elastic_run_grows_when_a_node_joins_and_finishes_alone_when_it_leave
     thread.start()
     try:
         _wait_for(lambda: any(r["world_size"] == 1 for r in _records(run_dir)), "a checkpoint on 1 worker", failed)
-        joined = cluster.add_node(temp_dir=ray_tmp, **TRAINER_NODE)
+        joined = cluster.add_node(**TRAINER_NODE)
         _wait_for(lambda: sum(r["world_size"] == 2 for r in _records(run_dir)) >= 2, "a checkpoint on 2 workers",
                   failed)
         cluster.remove_node(joined)
