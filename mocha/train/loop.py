@@ -138,18 +138,29 @@ def build_model(job: JobConfig, vocab_size: int, device):
     return model.to(device)
 
 
-def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
-    """Tokenizer, model and DeepSpeed engine (ZeRO, expert parallelism, warmup-cosine schedule)."""
+def world_layout(job: JobConfig, world: int) -> tuple[int, int]:
+    """``(ep_size, grad_accum)`` for ``world`` workers, decided when the worker group starts (at
+    every resize of an elastic run). A fixed ``deepspeed.ep_size`` that does not fit ``world``
+    raises ``LayoutError`` naming the field and the worker count, before DeepSpeed is touched."""
     from mocha.parallel.layout import LayoutError
-    from mocha.text.tokenizer import load_tokenizer
-    from mocha.train.data import StreamPlan, micro_batches_per_step
-    from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine, warmup_cosine_schedule
-    from mocha.train.shards import load_shard_refs
+    from mocha.train.data import micro_batches_per_step
 
     try:
         ep_size = job.ep_size_for(world)
     except LayoutError as e:
         raise LayoutError(f"cannot train with {world} workers: {e}") from None
+    sched = job.schedule
+    return ep_size, micro_batches_per_step(world, job.num_streams, sched.global_batch_size, sched.micro_batch_size)
+
+
+def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
+    """Tokenizer, model and DeepSpeed engine (ZeRO, expert parallelism, warmup-cosine schedule)."""
+    from mocha.text.tokenizer import load_tokenizer
+    from mocha.train.data import StreamPlan
+    from mocha.train.engine import DeepSpeedSettings, build_deepspeed_config, initialize_engine, warmup_cosine_schedule
+    from mocha.train.shards import load_shard_refs
+
+    ep_size, grad_accum = world_layout(job, world)
     on_gpu = job.scaling.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
@@ -162,7 +173,6 @@ def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
     plan = StreamPlan(shards, job.num_streams, seed=job.schedule.seed, shuffle=job.data.shuffle_shards)
     steps = total_steps(job, plan.samples_per_epoch())
     sched = job.schedule
-    grad_accum = micro_batches_per_step(world, job.num_streams, sched.global_batch_size, sched.micro_batch_size)
     ds_config = build_deepspeed_config(DeepSpeedSettings(
         zero_stage=job.deepspeed.zero_stage, offload_optimizer=job.deepspeed.offload_optimizer,
         micro_batch_size=sched.micro_batch_size, grad_accum=grad_accum,

@@ -93,10 +93,11 @@ def test_a_run_resumed_on_1_then_3_workers_follows_the_uninterrupted_2_worker_ru
     assert all(r["samples"] == GLOBAL_BATCH for r in got)  # the global batch never changes
     for r_ref, r_got in zip(ref, got):
         # the same samples in the same micro-batches, token-weighted over the whole step: only the
-        # order of fp32 sums (and ep 2 vs 1 all-to-all routing) differs
+        # order of fp32 sums (and ep 2 vs 1 all-to-all routing) differs. Tolerance 1e-5 relative
+        # (measured: 3e-8); a per-micro-batch mean, or padding counted as data, is off by > 1e-2
         assert r_got["lr"] == pytest.approx(r_ref["lr"], rel=1e-12)
-        assert r_got["loss"] == pytest.approx(r_ref["loss"], rel=2e-4, abs=1e-5), r_got["step"]
-        assert r_got["lm_loss"] == pytest.approx(r_ref["lm_loss"], rel=2e-4, abs=1e-5), r_got["step"]
+        assert r_got["loss"] == pytest.approx(r_ref["loss"], rel=1e-5), r_got["step"]
+        assert r_got["lm_loss"] == pytest.approx(r_ref["lm_loss"], rel=1e-5), r_got["step"]
     assert ref[-1]["loss"] < ref[0]["loss"]
 
     # the sample ledger: each step read the uninterrupted run's samples, none twice in the epoch

@@ -180,6 +180,20 @@ def test_worker_count_divisibility_rules_are_gone(tmp_path):
     assert micro_batches_per_step(3, job.num_streams, 128, 4) == 11  # 22 streams x 2 samples / 4
 
 
+def test_the_layout_is_chosen_for_the_world_the_group_starts_with(tmp_path):
+    """Inside the workers: auto ep_size and the accumulation steps follow the world size; a fixed
+    ep_size that does not fit it (a job changed after validation) stops with the field named."""
+    from mocha.train.job import DeepSpeedConfig
+    from mocha.train.loop import world_layout
+
+    job = _job(tmp_path, scaling={"num_workers": {"min": 2, "max": 8}}, deepspeed={"ep_size": "auto"})
+    assert [world_layout(job, w) for w in (2, 3, 4, 8)] == [(2, 16), (1, 11), (4, 8), (4, 4)]
+    fixed = job.model_copy(update={"deepspeed": DeepSpeedConfig(ep_size=4)})
+    with pytest.raises(LayoutError, match=r"cannot train with 6 workers: deepspeed.ep_size \(4\) must divide the "
+                                          r"number of workers \(6\)"):
+        world_layout(fixed, 6)
+
+
 # ---------------------------------------------------------------- sample ledger
 
 def test_ledger_writes_one_file_per_interval_and_the_newest_line_wins(tmp_path):
