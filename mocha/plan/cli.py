@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
          f"{fmt_millions(size.encoder_params)} / {fmt_millions(size.connector_params)} / {fmt_millions(size.hga_params)} / {fmt_millions(size.llm.params)}"),
         ("trainable parameters", fmt_millions(size.trainable_params(setup.stage))),
         ("tokens per sample (visual + text)", f"{setup.seq_len:,} ({size.visual_tokens:,} visual)"),
-        ("GPUs / ep_size / micro-batch", f"{setup.num_gpus} / {setup.ep_size} / {setup.micro_batch}"),
+        ("GPUs / ep_size / micro-batch", f"{setup.num_gpus} / {setup.ep_size} / {setup.micro_batch}"
+         + (f" ({job.scaling.describe}: planned at the smallest size)" if job.scaling.elastic else "")),
         ("encoders on the trainers", "yes" if setup.encoders_online else "no (feature shards)"),
         ("GiB per GPU: frozen / trainable weights", f"{fmt_gib(mem.frozen_weights)} / {fmt_gib(mem.trainable_weights)}"),
         ("GiB per GPU: gradients / Adam states", f"{fmt_gib(mem.gradients)} / {fmt_gib(mem.optimizer)}"),

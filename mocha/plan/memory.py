@@ -264,8 +264,9 @@ def setup_from_job(job, size: ModelSize, text_tokens: int | None = None) -> Trai
         seq_len=stage_seq_len(size, job.stage, job.model.max_length, text_tokens),
         global_batch=job.schedule.global_batch_size,
         micro_batch=job.schedule.micro_batch_size,
-        num_gpus=job.scaling.max_workers,  # an elastic run is planned at its largest size
-        ep_size=job.ep_size_for(job.scaling.max_workers),
+        # an elastic run is planned at its smallest size: the most state per GPU, the slowest steps
+        num_gpus=job.scaling.min_workers,
+        ep_size=job.ep_size_for(job.scaling.min_workers),
         gradient_checkpointing=job.schedule.gradient_checkpointing,
         encoders_online=job.data.features is None,
         offload_optimizer=job.deepspeed.offload_optimizer,
