@@ -181,8 +181,8 @@ def build_engine(job: JobConfig, rank: int, world: int, local_rank: int) -> Run:
     engine = initialize_engine(model, ds_config, ep_size=ep_size, lr_scheduler_fn=warmup_cosine_schedule(
         math.ceil(steps * sched.warmup_ratio), steps, sched.min_lr_ratio))
     if rank == 0:
-        print(f"[mocha] {world} workers: ep_size {ep_size}, {grad_accum} micro-batches of <= {sched.micro_batch_size} "
-              f"per worker per step, global batch {sched.global_batch_size}, {job.num_streams} data streams", flush=True)
+        log.info(f"[mocha] {world} workers: ep_size {ep_size}, {grad_accum} micro-batches of <= {sched.micro_batch_size} "
+                 f"per worker per step, global batch {sched.global_batch_size}, {job.num_streams} data streams")
     return Run(job, rank, world, device, tokenizer, model, engine, plan, steps, MetricsLog(job, rank),
                ep_size, grad_accum, SampleLedger(job.run_dir, rank, world))
 
