@@ -137,8 +137,8 @@ class ScalingConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage_path: str = Field(description="local dir or s3:// URL; checkpoints go to <storage_path>/<name>")
-    max_failures: int = Field(default=3, ge=-1, description="worker-failure restarts, a node an elastic run "
-                              "loses included (-1: unlimited)")
+    max_failures: int = Field(default=3, ge=-1, description="worker-failure restarts (-1: unlimited); a node "
+                              "an elastic run loses often costs two (Ray Train retries the old size first)")
 
 
 class JobConfig(StrictModel):
