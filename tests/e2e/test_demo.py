@@ -57,6 +57,6 @@ def test_reduced_demo_learns_and_writes_its_report(ray_cluster, tmp_path):
     # the run directory holds what the demo promises
     for stage in (1, 2):
         run = root / "train" / f"stage{stage}"
-        assert (run / "metrics.jsonl").exists() and any(run.glob("checkpoint_*/state.json"))
+        assert (run / "metrics.jsonl").exists() and any(run.glob("checkpoints/step-*/state.json"))
     assert (root / "train" / "stage2" / "export" / "model.safetensors").exists()
     assert (root / "jobs" / "stage2.yaml").exists()
