@@ -88,20 +88,16 @@ def _feature_job(shards: Path, output: Path, encoder_cfg, batch_size: int):
 
 def _decoded_images(shards: Path) -> list:
     """Every image of a shard set in shard order, decoded as the feature job decodes them."""
-    import io
-
-    from PIL import Image
-
     from pipelines.tar_shards import iter_tar_samples
-    from pipelines.validation import IMAGE_EXTENSIONS
+    from pipelines.validation import image_member, open_rgb
 
     images = []
     for tar in sorted(shards.glob("shard-*.tar")):
         for key, members in iter_tar_samples(str(tar)):
-            data = next((members[ext] for ext in IMAGE_EXTENSIONS.values() if ext in members), None)
+            data = image_member(members, key)
             if data is None:
                 raise ValueError(f"sample {key} of {tar} has no image member")
-            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            images.append(open_rgb(data, key))
     return images
 
 

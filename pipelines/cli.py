@@ -33,7 +33,7 @@ def _add_shard_parser(sub) -> None:
         description=(
             "Convert a LLaVA-style dataset into WebDataset tar shards shard-000000.tar, ... holding exactly\n"
             "--samples-per-shard samples each (the last may hold fewer). Members: {key}.json (the record,\n"
-            "original id included) and {key}.jpg|png|webp (the original image bytes, never re-encoded);\n"
+            "original id included) and {key}.jpg|png|gif|webp (the original image bytes, never re-encoded);\n"
             "keys are <input position>-<sanitized id>. Rejected records are written to quarantine.jsonl with\n"
             "their reason; accepted + quarantined = input records. manifest.json lists every shard's\n"
             "sample count, size and SHA-256, the totals, the input fingerprint and quarantine counts.\n\n"

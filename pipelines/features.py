@@ -9,7 +9,7 @@ training from features reads the feature shards alone.
 
 Each actor of the pool builds the encoders once (on its GPU when the cluster has GPUs) and
 encodes whole shards, ``batch_size`` images per forward pass. An image goes through exactly what
-the model does online: ``Image.open(...).convert("RGB")``, the encoder's ``preprocess``, its
+the model does online: ``pipelines.validation.open_rgb``, the encoder's ``preprocess``, its
 ``forward`` in the model's dtype; the stored array is that output cast to the declared dtype.
 With ``float32`` it is bit-identical to the in-process encoder on the same batch (convolution
 kernels may round differently for a different batch size, so "the same batch" matters).
@@ -46,7 +46,7 @@ from mocha.io.layout import MANIFEST_NAME
 from pipelines.shard import load_manifest
 from pipelines.tar_shards import (ShardInfo, completed_shard, finished_shards, iter_tar_samples, remove_markers,
                                   remove_stale_shards, write_marker, write_tar_shard)
-from pipelines.validation import IMAGE_EXTENSIONS
+from pipelines.validation import image_member, open_rgb
 
 FEATURES_FORMAT = "mocha-feature-shards/1"
 FeatureDtype = Literal["float32", "float16"]
@@ -123,9 +123,10 @@ class FeatureManifest:
 
 def decode_features(sample: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A feature-shard sample (WebDataset row: ``{"__key__", "json", "<encoder>.npy", ...}``
-    with raw bytes) -> ``{encoder: array [num_tokens, hidden_size]}``; empty for text-only."""
+    with raw bytes) -> ``{encoder: array [num_tokens, hidden_size]}``; empty for text-only.
+    Non-bytes values are absent members (Ray Data fills a block's missing columns with NaN)."""
     return {name[:-len(".npy")]: np.load(io.BytesIO(data), allow_pickle=False)
-            for name, data in sample.items() if name.endswith(".npy")}
+            for name, data in sample.items() if name.endswith(".npy") and isinstance(data, (bytes, bytearray))}
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -168,7 +169,7 @@ class FeatureEncoder:
             images = 0
             for key, members in iter_tar_samples(source):
                 pending.append((key, members))
-                images += _image_member(members) is not None
+                images += image_member(members, key) is not None
                 if images == self.batch_size:
                     self._flush(pending, out)
                     pending, images = [], 0
@@ -178,11 +179,9 @@ class FeatureEncoder:
 
     def _flush(self, pending: list[tuple[str, dict[str, bytes]]], out) -> None:
         """Encode the images among ``pending`` in one batch and write all samples in order."""
-        from PIL import Image
-
-        keys = [key for key, members in pending if _image_member(members) is not None]
-        pil = [Image.open(io.BytesIO(_image_member(members))).convert("RGB")
-               for _, members in pending if _image_member(members) is not None]
+        images = {key: blob for key, members in pending if (blob := image_member(members, key)) is not None}
+        keys = list(images)
+        pil = [open_rgb(blob, key) for key, blob in images.items()]
         features: dict[str, np.ndarray] = {}
         for kind, encoder in self.encoders.items():
             if not pil:
@@ -208,10 +207,6 @@ def _find_completed(batch: pa.Table, output: str, finished: dict[str, ShardInfo]
         info = completed_shard(output, row["name"], row["plan_sha256"], finished)
         rows.append(asdict(info) if info else {"name": "", "count": 0, "size": 0, "sha256": "", "plan_sha256": ""})
     return pa.Table.from_pylist(rows)
-
-
-def _image_member(members: Mapping[str, bytes]) -> bytes | None:
-    return next((members[ext] for ext in IMAGE_EXTENSIONS.values() if ext in members), None)
 
 
 @dataclass

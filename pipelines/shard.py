@@ -17,7 +17,7 @@ The job runs in three stages so that memory stays flat however large the input i
    as a tar with fixed headers, published atomically, with a done-marker.
 
 Output, all byte-identical for the same input: ``shard-NNNNNN.tar`` (members ``{key}.json``, the
-record as given, original id included; ``{key}.jpg|png|webp``, the original image bytes),
+record as given, original id included; ``{key}.jpg|png|gif|webp``, the original image bytes),
 ``quarantine.jsonl`` (one line per rejected record, input order) and ``manifest.json``
 (written last). A rerun (after a crash or not) reuses every shard whose done-marker matches its
 plan and whose bytes verify, and rebuilds the rest.

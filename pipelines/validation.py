@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import io
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,37 @@ class Rejection(Exception):
 
 
 #: PIL format name -> the WebDataset member extension the original bytes are stored under.
-IMAGE_EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+#: GIF is accepted because real mixtures hold it (LLaVA-665K's OCR-VQA part mixes JPEG, PNG and
+#: GIF); an animated GIF trains on its first frame, as PIL's ``convert("RGB")`` gives it.
+IMAGE_EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
+
+#: Member suffixes a reader takes as a sample's image: what ``mocha data shard`` writes, plus
+#: ``jpeg``, which other WebDataset writers use for JPEG.
+IMAGE_MEMBER_SUFFIXES: tuple[str, ...] = (*IMAGE_EXTENSIONS.values(), "jpeg")
+
+
+def image_member(members: Mapping[str, Any], key: str = "?") -> bytes | None:
+    """The image bytes of one sample's members (``{suffix: bytes}``), or None for a text-only
+    sample. Non-bytes values (absent members that a columnar reader filled with NaN/None) are not
+    members. Two image members in one sample are an error: which one trains would be arbitrary."""
+    found = [s for s in IMAGE_MEMBER_SUFFIXES if isinstance(members.get(s), (bytes, bytearray))]
+    if len(found) > 1:
+        raise ValueError(f"sample {key!r} holds {len(found)} image members ({', '.join(found)}); "
+                         "a sample carries at most one image")
+    return bytes(members[found[0]]) if found else None
+
+
+def open_rgb(blob: bytes, key: str = "?"):
+    """Image bytes of any accepted format (JPEG, PNG, GIF, WebP) -> an RGB PIL image. Palette and
+    alpha images (GIF, PNG, WebP) are flattened onto black, as PIL's ``convert("RGB")`` does; an
+    animated image gives its first frame."""
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # else PIL warns and converts the same way
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"sample {key!r}: cannot decode its image ({len(blob)} bytes): {e}") from None
 
 #: Default pixel limit (width * height) above which an image is quarantined as too large.
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -109,15 +109,15 @@ def make_dataset(root: Path, num_good: int, bad: bool = True, seed: int = 0, jso
 def _bad_records(rng: random.Random, add_image, jsonl_faults: bool) -> list[tuple[str, object]]:
     png = encode_image(rng, "PNG", (32, 32))
     jpg = encode_image(rng, "JPEG", (32, 32))
-    gif = io.BytesIO()
-    Image.new("P", (8, 8)).save(gif, format="GIF")
+    bmp = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(bmp, format="BMP")
     big = encode_image(rng, "PNG", (200, 200))
     out = [
         ("missing_image", good_record("bad-missing", "nope/missing.png")),
         ("unreadable_image", good_record("bad-truncated-png", add_image("trunc.png", png[: len(png) // 2]))),
         ("unreadable_image", good_record("bad-truncated-jpg", add_image("trunc.jpg", jpg[: len(jpg) // 2]))),
         ("not_an_image", good_record("bad-text", add_image("text.jpg", b"this is not an image at all\n" * 10))),
-        ("unsupported_image_format", good_record("bad-gif", add_image("anim.gif", gif.getvalue()))),
+        ("unsupported_image_format", good_record("bad-bmp", add_image("scan.bmp", bmp.getvalue()))),
         ("image_too_large", good_record("bad-big", add_image("big.png", big))),
         ("image_token_mismatch", {"id": "bad-no-token", "image": add_image("ok1.png", png),
                                   "conversations": [{"from": "human", "value": "Describe."},

@@ -28,7 +28,6 @@ independently, so no sample is dropped at epoch ends. ``StepData.keys`` carries 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -40,7 +39,6 @@ import torch
 
 from mocha.text.conversation import IGNORE_INDEX, TRAINABLE_STATUSES, tokenize_conversation
 
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 T = TypeVar("T")
 
 
@@ -99,8 +97,21 @@ class StreamPlan:
         raise AssertionError("unreachable: position past the end of an epoch")
 
 
+def sample_members(row: dict[str, Any]) -> dict[str, Any]:
+    """One WebDataset row as the sample's own members: ``__key__`` plus the members that hold bytes.
+
+    ``read_webdataset`` gives every row of a block the columns of every member suffix seen in
+    that block and fills the ones a sample lacks with NaN (a float) or None: a PNG sample next to
+    a JPEG one carries ``jpg=nan``, a text-only sample carries the image columns of its
+    neighbours, a feature shard's text-only sample carries ``siglip.npy=nan``. Dropping the
+    non-bytes values here gives every consumer the sample as it was written.
+    """
+    return {k: v for k, v in row.items() if k == "__key__" or isinstance(v, (bytes, bytearray))}
+
+
 def read_rows(urls: list[str], filesystem) -> Iterator[dict[str, Any]]:
-    """Rows of WebDataset shards in file order, raw member bytes (no decoding)."""
+    """Samples of WebDataset shards in file order: ``__key__`` and raw member bytes (no decoding),
+    only the members each sample really has (see :func:`sample_members`)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -108,7 +119,8 @@ def read_rows(urls: list[str], filesystem) -> Iterator[dict[str, Any]]:
     ctx.enable_progress_bars = False  # one reader per stream per worker: bars would interleave
     ds = ray.data.read_webdataset(urls, decoder=None, filesystem=filesystem, shuffle=None,
                                   override_num_blocks=len(urls))
-    yield from ds.iter_rows()
+    for row in ds.iter_rows():
+        yield sample_members(row)
 
 
 class StreamReader:
@@ -145,11 +157,18 @@ class Example:
 def decode_row(row: dict[str, Any], tokenizer, template: str, max_length: int, num_image_tokens: int,
                encoder_kinds: tuple[str, ...], from_features: bool) -> Example:
     """Raw WebDataset row -> tokenised example with its image or its precomputed features."""
+    from pipelines.validation import image_member, open_rgb
+
+    row = sample_members(row)
     key = row["__key__"]
     if "json" not in row:
         raise ValueError(f"sample {key!r} has no json member (conversation record)")
     record = json.loads(row["json"])
     has_image = bool(record.get("image"))
+    blob = None if from_features else image_member(row, key)
+    if blob is not None and not has_image:
+        raise ValueError(f"sample {key!r} holds an image member but its record names no image "
+                         "(text-only): the shard does not match its records")
     tok = tokenize_conversation(record["conversations"], tokenizer, template, max_length=max_length, sample_id=key,
                                 num_image_tokens=num_image_tokens if has_image else 0)
     ex = Example(key, tok.input_ids, tok.labels, tok.status)
@@ -164,12 +183,9 @@ def decode_row(row: dict[str, Any], tokenizer, template: str, max_length: int, n
             raise ValueError(f"sample {key!r}: feature shard has no features for encoders {missing}")
         ex.features = {k: feats[k] for k in encoder_kinds}
     else:
-        from PIL import Image
-
-        blob = next((row[s] for s in IMAGE_SUFFIXES if row.get(s) is not None), None)
         if blob is None:
             raise ValueError(f"sample {key!r} names an image but its shard holds no image member")
-        ex.image = Image.open(io.BytesIO(blob)).convert("RGB")
+        ex.image = open_rgb(blob, key)
     return ex
 
 

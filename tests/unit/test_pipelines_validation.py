@@ -77,15 +77,15 @@ def test_sample_keys_are_safe_unique_and_deterministic():
     assert sorted(keys) == keys  # zero padding keeps input order
 
 
-@pytest.mark.parametrize("fmt, ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
+@pytest.mark.parametrize("fmt, ext", [("PNG", "png"), ("JPEG", "jpg"), ("GIF", "gif"), ("WEBP", "webp")])
 def test_inspect_accepts_complete_images(fmt, ext):
     info = inspect_image(encode_image(random.Random(0), fmt, (20, 30)))
     assert (info.extension, info.width, info.height) == (ext, 20, 30)
 
 
-def _gif() -> bytes:
+def _bmp() -> bytes:
     buf = io.BytesIO()
-    Image.new("P", (4, 4)).save(buf, format="GIF")
+    Image.new("RGB", (4, 4)).save(buf, format="BMP")
     return buf.getvalue()
 
 
@@ -95,7 +95,7 @@ def _gif() -> bytes:
     (lambda png, jpg: png[:40], Reason.UNREADABLE_IMAGE),
     (lambda png, jpg: b"GIF? no, plain text", Reason.NOT_AN_IMAGE),
     (lambda png, jpg: b"", Reason.NOT_AN_IMAGE),
-    (lambda png, jpg: _gif(), Reason.UNSUPPORTED_IMAGE_FORMAT),
+    (lambda png, jpg: _bmp(), Reason.UNSUPPORTED_IMAGE_FORMAT),
 ])
 def test_inspect_rejects_bad_bytes(make, reason):
     rng = random.Random(1)
