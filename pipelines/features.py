@@ -81,6 +81,10 @@ class EncoderFeatureInfo:
     hidden_size: int
 
 
+class StaleFeaturesError(ValueError):
+    """Feature shards were computed from another shard set than the one being trained on."""
+
+
 @dataclass(frozen=True)
 class FeatureManifest:
     """The manifest of a feature shard set (``<features>/manifest.json``)."""
@@ -104,6 +108,20 @@ class FeatureManifest:
         return cls(url=url, config_hash=data["config_hash"], dtype=data["dtype"],
                    encoders=[EncoderFeatureInfo(**e) for e in data["encoders"]],
                    shards=[ShardInfo(**s) for s in data["shards"]], source=data["source"])
+
+    def check_source(self, shards_url: str, shards_manifest: Mapping[str, Any]) -> None:
+        """Raise :class:`StaleFeaturesError` unless these features were computed from the shard set
+        whose manifest is ``shards_manifest``: equal input fingerprints (which cover every accepted
+        sample's key and image hash, in order). A copy of the same shards elsewhere passes; a
+        rebuilt or another shard set, whose samples the features would silently misalign, fails."""
+        made_from = self.source.get("fingerprint")
+        current = shards_manifest.get("fingerprint")
+        if made_from is None or made_from != current:
+            raise StaleFeaturesError(
+                f"features at {self.url} were computed from the shard set at {self.source.get('url')} "
+                f"(fingerprint {made_from}) but the shards at {shards_url} have fingerprint {current}: the "
+                f"shards were rebuilt or are another set; recompute the features with "
+                f"`mocha data features --shards {shards_url}`")
 
     def check_compatible(self, model: ModelConfig) -> None:
         """Raise :class:`FeatureMismatchError` unless these features were computed by exactly

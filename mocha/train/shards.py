@@ -28,7 +28,8 @@ def _read_manifest(url: str, what: str) -> dict:
 
 def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfig) -> list[ShardRef]:
     """Shards to train on, in manifest order. From features: the feature shards (which carry the
-    conversation json too), after checking their encoder config hash against the model's."""
+    conversation json too), after checking that they were computed from exactly these shards
+    (the source fingerprint) and for exactly the model's encoders (the encoder config hash)."""
     from mocha.io import storage
 
     manifest = _read_manifest(shards_url, "data.shards")
@@ -44,6 +45,7 @@ def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfi
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.features: {e}") from None
     try:
+        features.check_source(shards_url, manifest)
         features.check_compatible(model)
     except ValueError as e:
         raise ConfigError(f"data.features: {e}") from None
