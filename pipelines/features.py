@@ -247,7 +247,7 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     import ray
     from tqdm import tqdm
 
-    from mocha.model.encoders import build_encoder
+    from mocha.model.encoders import encoder_geometry
     from pipelines.ray_runtime import ordered_execution
 
     start = time.perf_counter()
@@ -257,8 +257,8 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if has_gpus else 0.0)
     dtype = cfg.dtype or ("float16" if gpus > 0 else "float32")
     config_hash = cfg.model.encoder_config_hash()
-    # Shapes from structure-only builds (the meta device allocates nothing).
-    encoders = [build_encoder(e, device="meta") for e in encoder_cfgs]
+    # Shapes from the encoder configs alone (the driver never builds an encoder nor reads weights).
+    encoders = [encoder_geometry(e) for e in encoder_cfgs]
     encoder_info = [EncoderFeatureInfo(kind=e.kind, checkpoint=checkpoint_label(c), image_size=e.image_size,
                                        num_tokens=e.num_tokens, hidden_size=e.hidden_size)
                     for e, c in zip(encoders, encoder_cfgs)]

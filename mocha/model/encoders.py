@@ -289,18 +289,9 @@ class VisionEncoder(nn.Module):
         self.channel_pool = channel_pool
 
         config = model.config
-        num_hidden_states = _num_hidden_states(spec, config)
-        if not -num_hidden_states <= select_layer < num_hidden_states:
-            raise ValueError(f"{spec.kind}: select_layer={select_layer} out of range for a model with "
-                             f"{num_hidden_states} hidden states")
-        side, width = spec.feature_geometry(config, image_size, select_layer % num_hidden_states)
-        if side < 1:
-            raise ValueError(f"{spec.kind}: image_size={image_size} gives an empty feature map")
-        if channel_pool < 1 or width % channel_pool:
-            raise ValueError(f"{spec.kind}: channel_pool={channel_pool} must be >= 1 and divide the feature "
-                             f"width {width}")
-        self.num_tokens = side * side
-        self.hidden_size = width // channel_pool
+        geometry = token_geometry(spec, config, image_size, select_layer, channel_pool)
+        self.num_tokens = geometry.num_tokens
+        self.hidden_size = geometry.hidden_size
         self._interpolate_positions = spec.fixed_positions and image_size != config.image_size
 
         self.model.requires_grad_(False)
@@ -356,6 +347,65 @@ def _num_hidden_states(spec: EncoderSpec, config: PretrainedConfig) -> int:
     return 1 + (config.num_stages if spec.layout == "grid" else config.num_hidden_layers)
 
 
+# --------------------------------------------------------------------------- geometry without weights
+
+
+@dataclass(frozen=True)
+class EncoderGeometry:
+    """What the rest of the model needs to know of a frozen encoder: its output token count and
+    width per image at its input resolution."""
+
+    kind: str
+    image_size: int
+    num_tokens: int
+    hidden_size: int
+
+
+def token_geometry(spec: EncoderSpec, config: PretrainedConfig, image_size: int, select_layer: int,
+                   channel_pool: int) -> EncoderGeometry:
+    """Token count and width of ``hidden_states[select_layer]`` after channel pooling, from the
+    architecture config alone (validated: layer in range, non-empty map, pool divides width)."""
+    num_hidden_states = _num_hidden_states(spec, config)
+    if not -num_hidden_states <= select_layer < num_hidden_states:
+        raise ValueError(f"{spec.kind}: select_layer={select_layer} out of range for a model with "
+                         f"{num_hidden_states} hidden states")
+    side, width = spec.feature_geometry(config, image_size, select_layer % num_hidden_states)
+    if side < 1:
+        raise ValueError(f"{spec.kind}: image_size={image_size} gives an empty feature map")
+    if channel_pool < 1 or width % channel_pool:
+        raise ValueError(f"{spec.kind}: channel_pool={channel_pool} must be >= 1 and divide the feature "
+                         f"width {width}")
+    return EncoderGeometry(spec.kind, image_size, side * side, width // channel_pool)
+
+
+def encoder_architecture(cfg: EncoderConfig) -> PretrainedConfig:
+    """The encoder's architecture config, without reading or allocating any weight: the
+    checkpoint's ``config.json`` (a timm ConvNeXt one translated), or the registry's default
+    architecture updated with ``cfg.config`` for random-weight encoders. What
+    :func:`build_encoder` would build, minus the weights."""
+    spec = encoder_spec(cfg.kind)
+    if cfg.pretrained is None:
+        config_kwargs = {**spec.default_config, **cfg.config}
+        if cfg.image_size is not None:
+            config_kwargs["image_size"] = cfg.image_size
+        return spec.config_cls(**config_kwargs)
+    if spec.kind == "convnext":
+        timm_config = _read_timm_config(cfg.pretrained)
+        if timm_config is not None:
+            return timm_convnext_config(cfg.pretrained, timm_config, cfg.config)
+    return spec.config_cls.from_pretrained(cfg.pretrained, **cfg.config)
+
+
+def encoder_geometry(cfg: EncoderConfig) -> EncoderGeometry:
+    """Token count and width of one encoder from its config alone (no weights read, no module
+    built): how trainers that train from feature shards size the connectors and the HGA."""
+    spec = encoder_spec(cfg.kind)
+    config = encoder_architecture(cfg)
+    return token_geometry(spec, config, _image_size(spec, cfg, config),
+                          spec.select_layer if cfg.select_layer is None else cfg.select_layer,
+                          spec.channel_pool if cfg.channel_pool is None else cfg.channel_pool)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -374,10 +424,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
         model = _load_pretrained(spec, cfg.pretrained, cfg.config, dtype)
         model.to(device)
     else:
-        config_kwargs = {**spec.default_config, **cfg.config}
-        if cfg.image_size is not None:
-            config_kwargs["image_size"] = cfg.image_size
-        config = spec.config_cls(**config_kwargs)
+        config = encoder_architecture(cfg)
         # Frozen random weights must be the same in every process that builds them (feature
         # pipeline, trainers, export): seed the init, leaving the caller's RNG untouched.
         with torch.random.fork_rng(devices=[]), device:
@@ -387,8 +434,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
         if dtype is not None:
             model.to(dtype)
 
-    config = model.config
-    image_size = _image_size(spec, cfg, config)
+    image_size = _image_size(spec, cfg, model.config)
     processor = _build_processor(spec, cfg.pretrained, image_size)
     return VisionEncoder(
         spec, model, processor,
@@ -522,20 +568,26 @@ def _read_timm_config(pretrained: str) -> dict[str, Any] | None:
     return config if "architecture" in config and "model_type" not in config else None
 
 
-def load_timm_convnext(pretrained: str, timm_config: Mapping[str, Any], overrides: Mapping[str, Any],
-                       dtype: torch.dtype | None) -> ConvNextModel:
-    """Load a timm ConvNeXt checkpoint (``model.safetensors`` + timm ``config.json``)."""
-    from safetensors.torch import load_file
-    from transformers.utils import cached_file
-
+def timm_convnext_config(pretrained: str, timm_config: Mapping[str, Any],
+                         overrides: Mapping[str, Any]) -> ConvNextConfig:
+    """The ``ConvNextConfig`` of a timm ConvNeXt checkpoint, from its timm ``config.json``."""
     arch = timm_config["architecture"]
     if arch not in TIMM_CONVNEXT_ARCHS:
         raise ValueError(f"{pretrained}: timm architecture {arch!r} not supported; known: "
                          f"{sorted(TIMM_CONVNEXT_ARCHS)}")
     fields = dict(TIMM_CONVNEXT_ARCHS[arch])
     norm_eps = fields.pop("norm_eps")
-    config = ConvNextConfig(**{**ENCODERS["convnext"].default_config, **fields, "layer_norm_eps": norm_eps,
-                               "block_norm_eps": norm_eps, **overrides})
+    return ConvNextConfig(**{**ENCODERS["convnext"].default_config, **fields, "layer_norm_eps": norm_eps,
+                             "block_norm_eps": norm_eps, **overrides})
+
+
+def load_timm_convnext(pretrained: str, timm_config: Mapping[str, Any], overrides: Mapping[str, Any],
+                       dtype: torch.dtype | None) -> ConvNextModel:
+    """Load a timm ConvNeXt checkpoint (``model.safetensors`` + timm ``config.json``)."""
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    config = timm_convnext_config(pretrained, timm_config, overrides)
     with torch.device("meta"):
         model = ConvNextModel(config)
     weights = load_file(cached_file(pretrained, "model.safetensors"))

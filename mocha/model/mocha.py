@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mocha.config import ModelConfig
 from mocha.model.connector import build_connector
-from mocha.model.encoders import build_encoder
+from mocha.model.encoders import build_encoder, encoder_geometry
 from mocha.model.hga import build_hga
 from mocha.model.llm import build_llm, llm_hidden_size
 from mocha.text.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -63,7 +63,8 @@ class MochaModel(nn.Module):
     """MoCHA vision-language model.
 
     ``with_encoders=False`` builds the model without the frozen encoders, for training from
-    precomputed feature shards (the encoders are then never loaded on the trainers).
+    precomputed feature shards: the encoders are then never built nor their weights read (their
+    widths and token counts come from their configs, :func:`~mocha.model.encoders.encoder_geometry`).
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int | None = None, with_encoders: bool = True,
@@ -77,11 +78,20 @@ class MochaModel(nn.Module):
             experts = config.llm_experts
             upcycle_llm_ffn(self.llm, experts.layers, experts.num_experts, experts.top_k)
         hidden = llm_hidden_size(self.llm)
-        encoders = [build_encoder(cfg, device=device) for cfg in config.encoders]
-        self.encoder_kinds: tuple[str, ...] = tuple(e.kind for e in encoders)
-        self.encoder_widths = {e.kind: e.hidden_size for e in encoders}
-        self.encoder_tokens = {e.kind: e.num_tokens for e in encoders}
-        self.encoders = nn.ModuleDict({e.kind: e for e in encoders}) if with_encoders else None
+        # Widths and token counts come from the encoder configs alone: a trainer that trains from
+        # feature shards never builds (or reads the weights of) a frozen encoder.
+        geometry = [encoder_geometry(cfg) for cfg in config.encoders]
+        self.encoder_kinds: tuple[str, ...] = tuple(g.kind for g in geometry)
+        self.encoder_widths = {g.kind: g.hidden_size for g in geometry}
+        self.encoder_tokens = {g.kind: g.num_tokens for g in geometry}
+        self.encoders = None
+        if with_encoders:
+            self.encoders = nn.ModuleDict({cfg.kind: build_encoder(cfg, device=device) for cfg in config.encoders})
+            for g in geometry:
+                built = self.encoders[g.kind]
+                if (built.num_tokens, built.hidden_size) != (g.num_tokens, g.hidden_size):
+                    raise RuntimeError(f"{g.kind}: the built encoder gives {built.num_tokens} tokens of width "
+                                       f"{built.hidden_size}, its config {g.num_tokens} of {g.hidden_size}")
         self.connectors = nn.ModuleDict({
             kind: build_connector(config.connector, self.encoder_widths[kind], hidden) for kind in self.encoder_kinds
         }).to(device)
