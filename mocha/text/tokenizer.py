@@ -1,4 +1,4 @@
-"""Tokenizers: train a small byte-level BPE tokenizer locally, or load an existing one.
+"""Tokenizers: train a small byte-level BPE (or SentencePiece) tokenizer locally, or load an existing one.
 
 The demo and the tests never download a tokenizer: they train one on their own text with HF
 ``tokenizers`` and save it in transformers' format, so that the rest of the system loads it
@@ -127,6 +127,53 @@ def train_bpe_tokenizer(
     return wrapped
 
 
+#: What Llama / Vicuna checkpoints ship next to ``tokenizer.model`` (SentencePiece, no tokenizer.json).
+_LLAMA_TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                           "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+                           "legacy": False, "clean_up_tokenization_spaces": False}
+
+
+def train_sentencepiece_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024, model_max_length: int = 2048
+) -> Path:
+    """Train a SentencePiece BPE model (byte fallback, ``<unk>``=0, ``<s>``=1, ``</s>``=2, as
+    Llama's) and save it the way Vicuna-7B and most Llama checkpoints ship their tokenizer:
+    ``tokenizer.model`` plus ``tokenizer_config.json`` / ``special_tokens_map.json``, no
+    ``tokenizer.json``. Loading such a folder needs ``sentencepiece`` and ``protobuf``
+    (transformers converts the model to a fast tokenizer). Returns ``out_dir``."""
+    import json
+
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", minloglevel=2)
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)  # not shipped by the checkpoints
+    config = {**_LLAMA_TOKENIZER_CONFIG, "model_max_length": model_max_length}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return out_dir
+
+
+def _require_sentencepiece(path_or_id: str | Path) -> None:
+    """A folder with only ``tokenizer.model`` (SentencePiece) loads only with ``sentencepiece``
+    installed; say so instead of transformers' generic failure."""
+    folder = Path(path_or_id)
+    if not (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+        return
+    try:
+        import google.protobuf  # noqa: F401
+        import sentencepiece  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{folder} ships a SentencePiece tokenizer (tokenizer.model only, as Vicuna and Llama "
+                          f"checkpoints do): install `sentencepiece` and `protobuf` ({e})") from None
+
+
 def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer with ``AutoTokenizer`` (local directory or hub id; offline-friendly).
 
@@ -134,7 +181,11 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     (Vicuna: ``<unk>``; Phi-2: ``<|endoftext|>``), or EOS when it has no UNK either. Padded
     positions are always masked by the attention mask and ``IGNORE_INDEX`` labels, so reusing
     an existing token is safe and keeps the embedding matrix unchanged.
+
+    Folders holding only a SentencePiece ``tokenizer.model`` (Vicuna-7B, Llama) load through
+    transformers' conversion to a fast tokenizer, which needs ``sentencepiece`` and ``protobuf``.
     """
+    _require_sentencepiece(path_or_id)
     kwargs = {}
     if _local_tokenizer_class(path_or_id):
         # The tokenizer names its class: skip the model's config.json, which for a remote-code

@@ -81,3 +81,67 @@ def test_rejects_bad_arguments(tmp_path):
         train_bpe_tokenizer(CORPUS, tmp_path, family="gpt")
     with pytest.raises(ValueError, match="vocab_size must be at least"):
         train_bpe_tokenizer(CORPUS, tmp_path, vocab_size=100)
+
+
+# ------------------------------------------------------------------ SentencePiece (Vicuna / Llama)
+
+
+@pytest.fixture(scope="module")
+def vicuna_folder(tmp_path_factory):
+    """A checkpoint folder shaped like lmsys/vicuna-7b-v1.5: config.json + safetensors weights of
+    a (tiny) Llama and a SentencePiece tokenizer.model, with no tokenizer.json."""
+    from mocha.model.llm import build_llm
+    from mocha.model.tiny import tiny_llm_config
+    from mocha.text.tokenizer import train_sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("vicuna-7b-v1.5")
+    train_sentencepiece_tokenizer(CORPUS, folder, vocab_size=400)
+    build_llm(tiny_llm_config("llama"), vocab_size=400).save_pretrained(folder)
+    return folder
+
+
+def test_sentencepiece_checkpoint_folder_is_what_llama_checkpoints_ship(vicuna_folder):
+    import sentencepiece as spm
+
+    files = {p.name for p in vicuna_folder.iterdir()}
+    assert {"tokenizer.model", "tokenizer_config.json", "config.json"} <= files and "tokenizer.json" not in files
+    sp = spm.SentencePieceProcessor(model_file=str(vicuna_folder / "tokenizer.model"))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)  # Llama's ids, no PAD
+
+
+def test_sentencepiece_tokenizer_loads_and_masks_vicuna_conversations(vicuna_folder):
+    import sentencepiece as spm
+
+    tokenizer = load_tokenizer(vicuna_folder)
+    assert tokenizer.is_fast and (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    assert tokenizer.pad_token == "<unk>"  # Vicuna has no PAD: LLaVA pads with UNK
+    sp = spm.SentencePieceProcessor(model_file=str(vicuna_folder / "tokenizer.model"))
+    text = "USER: How many shapes are there? ASSISTANT: There are 3 shapes."
+    assert tokenizer(text).input_ids == [1, *sp.encode(text)]  # the converted tokenizer = the SentencePiece model
+    conversation = [{"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "There are 3."},
+                    {"from": "human", "value": "Is there a red circle?"}, {"from": "gpt", "value": "No."}]
+    sample = tokenize_conversation(conversation, tokenizer, "vicuna_v1", num_image_tokens=5)
+    assert sample.status == "ok"
+    learned = tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
+    assert learned.replace(" ", "") == "Thereare3.</s>No.</s>"
+
+
+def test_llm_pretrained_pointing_at_a_sentencepiece_checkpoint_trains(vicuna_folder):
+    """`llm.pretrained` names the folder; the tokenizer defaults to it (job.tokenizer_path)."""
+    import torch
+
+    from mocha.model.mocha import MochaModel
+    from mocha.model.tiny import tiny_model_config
+    from mocha.text.conversation import IMAGE_TOKEN_INDEX
+
+    config = tiny_model_config(llm={"family": "llama", "pretrained": str(vicuna_folder)}, template="vicuna_v1")
+    tokenizer = load_tokenizer(config.llm.pretrained)
+    model = MochaModel(config, vocab_size=len(tokenizer), with_encoders=False)
+    sample = tokenize_conversation([{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "3"}],
+                                   tokenizer, "vicuna_v1")
+    ids = torch.tensor([sample.input_ids])
+    assert (ids == IMAGE_TOKEN_INDEX).sum() == 1
+    features = {k: torch.randn(1, model.encoder_tokens[k], model.encoder_widths[k]) for k in model.encoder_kinds}
+    out = model(ids, torch.ones_like(ids), torch.tensor([sample.labels]), features=features)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
