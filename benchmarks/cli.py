@@ -21,7 +21,7 @@ from pathlib import Path
 #: Benchmark modules (under ``benchmarks.``), in the order they run and are reported.
 BENCHMARKS: tuple[str, ...] = (
     "moe_connector", "hga_graph", "shard_build", "feature_precompute",
-    "train_from_features", "train_data_wait", "expert_parallel", "checkpoint_memory",
+    "train_from_features", "train_data_wait", "expert_parallel", "checkpoint_memory", "trainer_memory",
 )
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
