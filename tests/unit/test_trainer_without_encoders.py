@@ -51,7 +51,7 @@ def test_trainer_model_from_features_builds_no_encoder(tmp_path):
         model = build_model(job, vocab_size=1024, device="cpu")
     assert seen == []
     assert model.encoders is None and not any(n.startswith("encoders.") for n, _ in model.named_parameters())
-    online = MochaModel(job.architecture, vocab_size=1024, with_encoders=True)
+    online = MochaModel(job.model, vocab_size=1024, with_encoders=True)
     assert (model.encoder_tokens, model.encoder_widths) == (online.encoder_tokens, online.encoder_widths)
     assert model.num_visual_tokens == online.num_visual_tokens
 
