@@ -105,7 +105,16 @@ class ModelConfig(StrictModel):
     llm_experts: LLMExpertsConfig | None = Field(
         default=None, description="MoE-LLaVA-style MoE layers inside the LLM (None: dense LLM)")
     template: Literal["plain", "vicuna_v1", "phi"] = "phi"
-    max_length: int = Field(default=2048, gt=0)
+    pad_to_square: bool = Field(default=True, description=(
+        "LLaVA-1.5's image_aspect_ratio 'pad': each image is padded to a square with the mean colour "
+        "(OpenAI CLIP's mean, as the official processor) before every encoder's own preprocessing; "
+        "false: each encoder's processor resizes/crops the original"))
+    image_token_first: bool = Field(default=True, description=(
+        "LLaVA-1.5's preprocessing: move <image> to the front of its (first human) turn before tokenising"))
+    max_length: int = Field(default=2560, gt=0, description=(
+        "sequence budget per sample after each <image> expands to its visual tokens; 2560 as the official "
+        "MoCHA/LLaVA-1.5 scripts (model_max_length), also for Phi-2 whose config says 2048 positions: its "
+        "rotary embeddings run past them, as in the official recipe"))
 
     @model_validator(mode="after")
     def _unique_encoders(self) -> "ModelConfig":
@@ -115,8 +124,10 @@ class ModelConfig(StrictModel):
         return self
 
     def encoder_config_hash(self) -> str:
-        """Hash of everything that determines the frozen encoders' outputs (for feature shards)."""
-        payload = json.dumps([e.model_dump() for e in self.encoders], sort_keys=True)
+        """Hash of everything that determines the frozen encoders' outputs (for feature shards): the
+        encoders and the shared image preprocessing (``pad_to_square``)."""
+        payload = json.dumps({"encoders": [e.model_dump() for e in self.encoders],
+                              "pad_to_square": self.pad_to_square}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

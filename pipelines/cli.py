@@ -49,6 +49,12 @@ def _add_shard_parser(sub) -> None:
                    help="records per image-inspection task batch (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="max parallel Ray tasks per stage (default: as many as the cluster's CPUs allow)")
+    p.add_argument("--model-config", default=None, metavar="YAML",
+                   help="a job (or model) YAML: count the samples its model.max_length would truncate, with its "
+                        "tokenizer and template and its encoders' visual tokens (written to the manifest; a "
+                        "warning over 1%%)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer for --model-config (default: the job's tokenizer, else model.llm.tokenizer / pretrained)")
     p.add_argument("--chunk-records", type=int, default=4096,
                    help="records per block the driver hands to Ray; bounds driver memory (default: %(default)s)")
     _add_ray_options(p)
@@ -101,12 +107,19 @@ def _run_shard(args: argparse.Namespace) -> int:
     from mocha.config import parse_model
     from mocha.io import storage
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.shard import ShardJobConfig, build_shards
+    from pipelines.shard import SequenceBudget, ShardJobConfig, build_shards
 
+    budget = None
+    if args.model_config:
+        from mocha.config import load_yaml
+
+        tokenizer = args.tokenizer or load_yaml(args.model_config).get("tokenizer")
+        budget = SequenceBudget.of_model(load_model_config(args.model_config), tokenizer).model_dump()
     cfg = parse_model(ShardJobConfig, {
         "input": args.input, "images": args.images, "output": args.output,
         "samples_per_shard": args.samples_per_shard, "max_image_pixels": args.max_image_pixels,
         "batch_size": args.batch_size, "concurrency": args.concurrency, "chunk_records": args.chunk_records,
+        "sequence_budget": budget,
     }, "mocha data shard options")
     if not storage.exists(cfg.input):  # fail before starting Ray
         raise FileNotFoundError(f"input file not found: {cfg.input}")

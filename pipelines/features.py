@@ -9,7 +9,8 @@ training from features reads the feature shards alone.
 
 Each actor of the pool builds the encoders once (on its GPU when the cluster has GPUs) and
 encodes whole shards, ``batch_size`` images per forward pass. An image goes through exactly what
-the model does online: ``pipelines.validation.open_rgb``, the encoder's ``preprocess``, its
+the model does online: ``pipelines.validation.open_rgb``, the shared pad to a square
+(``ModelConfig.pad_to_square``, ``MochaModel.preprocess``), the encoder's ``preprocess``, its
 ``forward`` in the model's dtype; the stored array is that output cast to the declared dtype.
 With ``float32`` it is bit-identical to the in-process encoder on the same batch (convolution
 kernels may round differently for a different batch size, so "the same batch" matters).
@@ -161,7 +162,8 @@ def checkpoint_label(cfg: EncoderConfig) -> str:
 class FeatureEncoder:
     """Ray Data actor: builds the encoders once, then turns each shard-plan row into a feature shard."""
 
-    def __init__(self, encoders: list[dict], dtype: str, batch_size: int, output: str, use_gpu: bool):
+    def __init__(self, encoders: list[dict], dtype: str, batch_size: int, output: str, use_gpu: bool,
+                 pad_to_square: bool = True):
         import torch
 
         from mocha.model.encoders import build_encoders
@@ -173,6 +175,7 @@ class FeatureEncoder:
         self.dtype = np.dtype(dtype)
         self.batch_size = batch_size
         self.output = output
+        self.pad_to_square = pad_to_square  # the model's shared preprocessing (MochaModel.preprocess)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -199,7 +202,11 @@ class FeatureEncoder:
         """Encode the images among ``pending`` in one batch and write all samples in order."""
         images = {key: blob for key, members in pending if (blob := image_member(members, key)) is not None}
         keys = list(images)
+        from mocha.model.encoders import expand_to_square
+
         pil = [open_rgb(blob, key) for key, blob in images.items()]
+        if self.pad_to_square:
+            pil = [expand_to_square(im) for im in pil]
         features: dict[str, np.ndarray] = {}
         for kind, encoder in self.encoders.items():
             if not pil:
@@ -284,6 +291,7 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
                 FeatureEncoder, batch_format="pyarrow", batch_size=1, num_gpus=gpus,
                 compute=ray.data.ActorPoolStrategy(size=min(cfg.concurrency, len(todo))),
                 fn_constructor_kwargs={"encoders": [e.model_dump() for e in encoder_cfgs], "dtype": dtype,
+                                       "pad_to_square": cfg.model.pad_to_square,
                                        "batch_size": cfg.batch_size, "output": cfg.output_url, "use_gpu": gpus > 0})
             with tqdm(total=len(todo), desc="feature shards", unit="shard", disable=not progress) as bar:
                 for row in results.iter_rows():

@@ -25,8 +25,10 @@ plan and whose bytes verify, and rebuilds the rest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -47,6 +49,30 @@ from mocha.io.layout import MANIFEST_NAME, QUARANTINE_NAME
 MANIFEST_FORMAT = "mocha-webdataset-shards/1"
 
 
+class SequenceBudget(StrictModel):
+    """What a training job will fit each sample into, so that the shard build can count the
+    samples whose text ``max_length`` would cut (``--model-config``: a job or model YAML)."""
+
+    tokenizer: str = Field(description="tokenizer folder or hub id (the job's tokenizer)")
+    template: str = Field(description="conversation template of the job (plain, phi, vicuna_v1)")
+    max_length: int = Field(gt=0, description="the job's model.max_length")
+    num_image_tokens: int = Field(gt=0, description="visual tokens per image (sum over the encoders)")
+    image_token_first: bool = Field(default=True, description="the job's model.image_token_first")
+
+    @classmethod
+    def of_model(cls, model, tokenizer: str | None = None) -> "SequenceBudget":
+        """The budget of a :class:`~mocha.config.ModelConfig`: visual tokens from the encoder
+        configs (no weights read); tokenizer from ``tokenizer``, else the LLM's."""
+        from mocha.model.encoders import encoder_geometry
+
+        path = tokenizer or model.llm.tokenizer or model.llm.pretrained
+        if path is None:
+            raise ValueError("the sequence budget needs a tokenizer: pass --tokenizer or set model.llm.tokenizer")
+        return cls(tokenizer=path, template=model.template, max_length=model.max_length,
+                   num_image_tokens=sum(encoder_geometry(e).num_tokens for e in model.encoders),
+                   image_token_first=model.image_token_first)
+
+
 class ShardJobConfig(StrictModel):
     """Options of ``mocha data shard``."""
 
@@ -58,6 +84,8 @@ class ShardJobConfig(StrictModel):
     batch_size: int = Field(default=64, gt=0, description="records per image-inspection batch")
     concurrency: int | None = Field(default=None, gt=0, description="max parallel Ray tasks per stage; None = Ray decides")
     chunk_records: int = Field(default=4096, gt=0, description="records per block the driver hands to Ray")
+    sequence_budget: SequenceBudget | None = Field(
+        default=None, description="count accepted samples that a training job's max_length would truncate")
 
 
 class InputChangedError(RuntimeError):
@@ -83,6 +111,8 @@ class ShardReport:
             f"{m['num_quarantined']} quarantined of {m['num_input_records']} input records",
         ]
         lines += [f"  {reason}: {count}" for reason, count in m["quarantine"].items()]
+        if "sequence_budget" in m:
+            lines.append(budget_report(m)[0])
         lines.append(f"{self.seconds:.1f} s, {rate:.1f} records/s")
         return "\n".join(lines)
 
@@ -116,8 +146,36 @@ class _RecordBlock:
         return pa.table(self.columns)
 
 
-def _inspect_images(batch: pa.Table, images: str, max_pixels: int) -> pa.Table:
-    """Stage 2 (Ray task): add ``reason``, ``detail``, ``sha256``, ``ext`` to each record row."""
+def budget_report(manifest: dict[str, Any]) -> tuple[str, bool]:
+    """The manifest's sequence-budget count as one line, and whether it is over the warning share."""
+    from mocha.text.conversation import truncation_report
+
+    budget = manifest["sequence_budget"]
+    return truncation_report(budget["over_budget"], manifest["num_samples"], budget["max_length"],
+                             f"sequence budget ({budget['num_image_tokens']} visual tokens, template {budget['template']})")
+
+
+@functools.lru_cache(maxsize=2)
+def _budget_tokenizer(path: str):
+    from mocha.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _budget_status(record_json: str, image: str, budget: dict[str, Any]) -> str:
+    """How a training job with ``budget`` would tokenise this record (``ok``, ``truncated``, ...)."""
+    from mocha.text.conversation import tokenize_conversation
+
+    record = json.loads(record_json)
+    return tokenize_conversation(record["conversations"], _budget_tokenizer(budget["tokenizer"]), budget["template"],
+                                 max_length=budget["max_length"], sample_id=str(record.get("id")),
+                                 num_image_tokens=budget["num_image_tokens"] if image else 0,
+                                 image_token_first=budget["image_token_first"]).status
+
+
+def _inspect_images(batch: pa.Table, images: str, max_pixels: int, budget: dict[str, Any] | None = None) -> pa.Table:
+    """Stage 2 (Ray task): add ``reason``, ``detail``, ``sha256``, ``ext`` to each record row, and
+    ``budget_status`` (its tokenisation status under the sequence budget, empty without one)."""
     verdicts: dict[str, list[str]] = {"reason": [], "detail": [], "sha256": [], "ext": []}
     for image in batch.column("image").to_pylist():
         reason = detail = digest = ext = ""
@@ -132,6 +190,8 @@ def _inspect_images(batch: pa.Table, images: str, max_pixels: int) -> pa.Table:
                 reason, detail = r.reason.value, r.detail
         for name, value in zip(verdicts, (reason, detail, digest, ext)):
             verdicts[name].append(value)
+    verdicts["budget_status"] = [_budget_status(record, image, budget) if budget else "" for record, image in
+                                 zip(batch.column("record").to_pylist(), batch.column("image").to_pylist())]
     for name, values in verdicts.items():
         batch = batch.append_column(name, pa.array(values, pa.string()))
     return batch
@@ -208,7 +268,15 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
     from pipelines.ray_runtime import ordered_execution
 
     start = time.perf_counter()
+    if cfg.sequence_budget is not None:  # a tokenizer/template that cannot work fails here, not in a Ray task
+        probe = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hi."}]}
+        try:
+            _budget_status(json.dumps(probe), "", cfg.sequence_budget.model_dump())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"sequence budget: cannot tokenise with {cfg.sequence_budget.tokenizer!r} and template "
+                             f"{cfg.sequence_budget.template!r}: {e}") from None
     quarantine: list[dict[str, Any]] = []
+    budget_statuses: Counter[str] = Counter()
     planner = _ShardPlanner(cfg.samples_per_shard)
     reader = InputReader(cfg.input)
 
@@ -241,7 +309,8 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
         if record_blocks:
             verdicts = ray.data.from_arrow_refs(record_blocks).map_batches(
                 _inspect_images, batch_format="pyarrow", batch_size=cfg.batch_size, compute=_tasks(cfg),
-                fn_kwargs={"images": cfg.images, "max_pixels": cfg.max_image_pixels})
+                fn_kwargs={"images": cfg.images, "max_pixels": cfg.max_image_pixels,
+                           "budget": cfg.sequence_budget.model_dump() if cfg.sequence_budget else None})
             with tqdm(total=candidates, desc="images", unit="img", disable=not progress) as bar:
                 for batch in verdicts.iter_batches(batch_format="pyarrow", batch_size=None):
                     for row in batch.to_pylist():
@@ -250,6 +319,7 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
                                                                 row["image"]))
                         else:
                             planner.add(row)
+                            budget_statuses[row["budget_status"]] += 1
                     bar.update(batch.num_rows)
             del verdicts, record_blocks
         planner.flush()
@@ -278,6 +348,15 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
     storage.write_bytes(storage.join_url(cfg.output, QUARANTINE_NAME),
                         b"".join(json.dumps(q, sort_keys=True, ensure_ascii=False).encode() + b"\n" for q in quarantine))
     manifest = _manifest(cfg, reader, planner, shards, quarantine, num_records)
+    if cfg.sequence_budget is not None:
+        from mocha.text.conversation import OVER_BUDGET_STATUSES
+
+        manifest["sequence_budget"] = {
+            **cfg.sequence_budget.model_dump(), "statuses": dict(sorted(budget_statuses.items())),
+            "over_budget": sum(n for status, n in budget_statuses.items() if status in OVER_BUDGET_STATUSES)}
+        line, warn = budget_report(manifest)
+        if warn:
+            print(line, file=sys.stderr, flush=True)
     storage.write_bytes(storage.join_url(cfg.output, MANIFEST_NAME),
                         json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     remove_markers(cfg.output)  # the manifest now records every shard and its plan

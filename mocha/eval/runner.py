@@ -103,7 +103,8 @@ class VisualQuestionAnswerer:
         hold one ``<image>`` placeholder."""
         if len(images) != len(human_turns):
             raise ValueError(f"{len(images)} images for {len(human_turns)} prompts")
-        prompts = [tokenize_prompt([{"from": "human", "value": turn}], self.tokenizer, self.template)
+        prompts = [tokenize_prompt([{"from": "human", "value": turn}], self.tokenizer, self.template,
+                                   image_token_first=self.model.config.image_token_first)
                    for turn in human_turns]
         ids, mask = self._left_padded(prompts)
         pixels = [self.model.preprocess(image) for image in images]

@@ -38,8 +38,14 @@ Preprocessing follows each encoder's own checkpoint: the matching transformers i
 (PIL backend, the reference implementation) is loaded from ``cfg.pretrained`` when that has a
 ``preprocessor_config.json`` and otherwise built from the registry's parameters, which are those
 of the default checkpoint. The official MoCHA code instead feeds one CLIP-preprocessed 336 px
-tensor to all four towers (giving DINOv2 576 and ConvNeXt 100 tokens); here every encoder sees
-its own resolution and normalisation: 576 + 729 + 256 + 144 = 1705 tokens per image by default.
+tensor to all four towers; here every encoder sees its own normalisation, at the official
+resolutions and token counts by default: SigLIP-large-patch16-384 at 384 px (24 x 24 = 576
+tokens of 1024, its ``SigLipVisionConfig`` defaults in the official code), ConvNeXt-XXL at 336 px
+(stride 32: 10 x 10 = 100 tokens, 3072 channels pooled to 1024), CLIP-L/14-336 at 336 px (576 x
+1024) and DINOv2-L/14 at 336 px (576 x 1024): 1828 visual tokens per image. Other checkpoints and
+resolutions are options (``EncoderConfig.pretrained`` / ``image_size``), e.g. SigLIP so400m-patch14-384
+(729 tokens of 1152) or ConvNeXt at 384 px (144 tokens); the official code's SigLIP, fed the 336 px
+tensor, gives 21 x 21 = 441 tokens (``image_size: 336``).
 """
 
 from __future__ import annotations
@@ -81,6 +87,20 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+#: LLaVA-1.5's padding colour: the (CLIP) image processor's mean, as 0-255 integers.
+PAD_COLOUR = tuple(int(x * 255) for x in OPENAI_CLIP_MEAN)
+
+
+def expand_to_square(image: Image.Image, colour: tuple[int, int, int] = PAD_COLOUR) -> Image.Image:
+    """LLaVA-1.5's ``image_aspect_ratio: pad``: the image centred on a square canvas of its longer
+    side filled with ``colour``, so that no encoder's resize or crop distorts or cuts it."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour if image.mode == "RGB" else colour[0])
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 # --------------------------------------------------------------------------- feature geometry
@@ -198,10 +218,11 @@ ENCODERS: dict[str, EncoderSpec] = {
         kind="siglip",
         model_cls=SiglipVisionModel,
         config_cls=SiglipVisionConfig,
-        default_pretrained="google/siglip-so400m-patch14-384",
+        # The official MoCHA SigLIP tower: the SigLipVisionConfig defaults of its siglip_encoder.py.
+        default_pretrained="google/siglip-large-patch16-384",
         default_config={
-            "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
-            "image_size": 384, "patch_size": 14, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "image_size": 384, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
         },
         default_image_size=384,
         select_layer=-2,
@@ -223,7 +244,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             "image_size": 518, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
             "layerscale_value": 1.0, "use_swiglu_ffn": False,
         },
-        default_image_size=224,
+        default_image_size=336,  # official: the CLIP-preprocessed 336 px tensor, 24 x 24 = 576 tokens
         select_layer=-1,
         layout="sequence",
         feature_geometry=vit_feature_geometry,
@@ -243,7 +264,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             "hidden_sizes": [384, 768, 1536, 3072], "depths": [3, 4, 30, 3], "patch_size": 4, "num_stages": 4,
             "hidden_act": "gelu", "layer_norm_eps": 1e-5, "block_norm_eps": 1e-5, "image_size": 384,
         },
-        default_image_size=384,
+        default_image_size=336,  # official: 336 px, stride 32 -> 10 x 10 = 100 tokens
         select_layer=-1,
         layout="grid",
         feature_geometry=convnext_feature_geometry,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mocha.config import ModelConfig
 from mocha.model.connector import build_connector
-from mocha.model.encoders import build_encoder, encoder_geometry
+from mocha.model.encoders import build_encoder, encoder_geometry, expand_to_square
 from mocha.model.hga import build_hga
 from mocha.model.llm import build_llm, llm_hidden_size
 from mocha.text.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -113,9 +113,12 @@ class MochaModel(nn.Module):
 
     # ------------------------------------------------------------------ vision path
     def preprocess(self, image) -> dict[str, Tensor]:
-        """PIL image -> {kind: pixel tensor [3, S, S]} with each encoder's own preprocessing."""
+        """PIL image -> {kind: pixel tensor [3, S, S]}: the shared step every encoder sees (pad to a
+        square with the mean colour, ``config.pad_to_square``), then each encoder's own processor."""
         if self.encoders is None:
             raise RuntimeError("this model was built without encoders (training from features)")
+        if self.config.pad_to_square:
+            image = expand_to_square(image.convert("RGB"))
         return {kind: enc.preprocess(image) for kind, enc in self.encoders.items()}
 
     @torch.no_grad()

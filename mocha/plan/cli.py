@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         ("parameters: encoders / connectors / HGA / LLM",
          f"{fmt_millions(size.encoder_params)} / {fmt_millions(size.connector_params)} / {fmt_millions(size.hga_params)} / {fmt_millions(size.llm.params)}"),
         ("trainable parameters", fmt_millions(size.trainable_params(setup.stage))),
+        ("visual tokens per image", " + ".join(f"{e.kind} {e.tokens:,} ({e.image_size} px, {e.width:,}-d)"
+                                              for e in size.encoders) + f" = {size.visual_tokens:,}"),
+        ("text budget per image sample", f"{job.model.max_length - size.visual_tokens:,} tokens "
+                                         f"(max_length {job.model.max_length:,} - {size.visual_tokens:,} visual)"),
         ("tokens per sample (visual + text)", f"{setup.seq_len:,} ({size.visual_tokens:,} visual)"),
         ("GPUs / ep_size / micro-batch", f"{setup.num_gpus} / {setup.ep_size} / {setup.micro_batch}"
          + (f" ({job.scaling.describe}: planned at the smallest size)" if job.scaling.elastic else "")),
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {fmt_gib(mem.total)} GiB per GPU exceeds the usable {fmt_gib(usable)} GiB: lower "
               f"schedule.micro_batch_size to {mem.max_micro_batch(gpu)} or enable gradient checkpointing",
               file=sys.stderr)
-    if setup.seq_len > size.llm.max_positions:
-        print(f"warning: {setup.seq_len} tokens per sample exceed the LLM's {size.llm.max_positions} positions",
+    if job.model.max_length > size.llm.max_positions:
+        print(f"note: max_length {job.model.max_length:,} runs past the LLM's {size.llm.max_positions:,} configured "
+              "positions (its rotary embeddings extrapolate), as the official MoCHA recipe does for Phi-2",
               file=sys.stderr)
     return 0

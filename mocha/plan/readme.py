@@ -23,7 +23,7 @@ class Scenario:
     stage: Literal[1, 2]
     num_gpus: int = 8
     ep_size: int = 4
-    max_length: int = 2048
+    max_length: int = 2560  # the official scripts' model_max_length (both stages, Phi-2 and Vicuna)
 
 
 README_SCENARIOS: tuple[Scenario, ...] = tuple(Scenario(f, s) for f in ("phi", "llama") for s in (1, 2))

@@ -57,6 +57,23 @@ STATUS_MISMATCH = "tokenization_mismatch"
 STATUS_TOO_LONG_IMAGE_CUT = "too_long_image_cut"
 STATUS_NO_SUPERVISED_TOKENS = "no_supervised_tokens"
 TRAINABLE_STATUSES = frozenset({STATUS_OK, STATUS_TRUNCATED})
+#: Statuses caused by the sequence budget (``max_length``): the text was cut, or nothing was left to train.
+OVER_BUDGET_STATUSES = frozenset({STATUS_TRUNCATED, STATUS_TOO_LONG_IMAGE_CUT, STATUS_NO_SUPERVISED_TOKENS})
+#: Share of samples over the sequence budget above which a shard build or a training run warns.
+TRUNCATION_WARN_FRACTION = 0.01
+
+
+def truncation_report(over_budget: int, total: int, max_length: int, where: str) -> tuple[str, bool]:
+    """One line saying how many of ``total`` samples did not fit ``max_length`` (their text was
+    cut or, with no answer left, they were masked out), and whether that is over
+    :data:`TRUNCATION_WARN_FRACTION` (a warning: raise ``max_length`` or check the data)."""
+    fraction = over_budget / total if total else 0.0
+    line = f"{where}: {over_budget} of {total} samples ({fraction:.2%}) exceed max_length {max_length}"
+    warn = fraction > TRUNCATION_WARN_FRACTION
+    if warn:
+        line = (f"warning: {line}, more than {TRUNCATION_WARN_FRACTION:.0%}: their text is cut and answers past the "
+                f"budget are not learned; raise model.max_length (the official recipe uses 2560) or check the data")
+    return line, warn
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -196,6 +213,22 @@ def _render(conversations: Sequence[dict], template: Template, generation: bool)
     return rendered
 
 
+def image_first(conversations: Sequence[dict]) -> list[dict]:
+    """LLaVA-1.5's preprocessing of the image placeholder: a turn holding ``<image>`` (the first
+    human turn in LLaVA data) gets it at its front, ``"<image>\n<the rest, stripped>"``, wherever
+    the data put it (``"What is this? <image>"`` -> ``"<image>\nWhat is this?"``). Other turns and
+    text-only conversations are unchanged."""
+    out = []
+    for turn in conversations:
+        value = turn.get("value")
+        if isinstance(value, str) and IMAGE_TOKEN in value:
+            count = value.count(IMAGE_TOKEN)
+            rest = value.replace(IMAGE_TOKEN, "").strip()
+            turn = {**turn, "value": (IMAGE_TOKEN * count + "\n" + rest) if rest else IMAGE_TOKEN * count}
+        out.append(turn)
+    return out
+
+
 def _prompt_turns(conversations: Sequence[dict], sample_id: str | None) -> Sequence[dict]:
     validate_conversation(conversations, sample_id, require_reply=False)
     return conversations[:-1] if conversations[-1]["from"] == GPT else conversations
@@ -286,6 +319,7 @@ def tokenize_conversation(
     max_length: int | None = None,
     num_image_tokens: int = 0,
     sample_id: str | None = None,
+    image_token_first: bool = False,
 ) -> TokenizedSample:
     """Tokenise one LLaVA conversation and mask its labels (see module docstring).
 
@@ -296,11 +330,15 @@ def tokenize_conversation(
         max_length: sequence budget after each placeholder is expanded; ``None``: no limit.
         num_image_tokens: visual tokens that replace each ``<image>`` (0: not counted).
         sample_id: used in error messages.
+        image_token_first: move ``<image>`` to the front of its turn first (:func:`image_first`,
+            LLaVA-1.5's preprocessing; ``ModelConfig.image_token_first``).
 
     Raises:
         ConversationError: malformed turns. ValueError: template/tokenizer mismatch.
     """
     validate_conversation(conversations, sample_id)
+    if image_token_first:
+        conversations = image_first(conversations)
     spec = get_template(template)
     _check_turn_end(tokenizer, spec)
     rendered = _render(conversations, spec, generation=False)
@@ -340,9 +378,12 @@ def _fit_length(
     return truncated
 
 
-def tokenize_prompt(conversations: Sequence[dict], tokenizer, template: str, sample_id: str | None = None) -> list[int]:
+def tokenize_prompt(conversations: Sequence[dict], tokenizer, template: str, sample_id: str | None = None,
+                    image_token_first: bool = False) -> list[int]:
     """Input ids of :func:`build_prompt` for generation, encoded exactly as in training (BOS,
-    one ``IMAGE_TOKEN_INDEX`` per placeholder)."""
+    one ``IMAGE_TOKEN_INDEX`` per placeholder, ``<image>`` moved first when the model was trained so)."""
+    if image_token_first:
+        conversations = image_first(conversations)
     return encode_prompt(build_prompt(conversations, template, sample_id), tokenizer, template)
 
 

@@ -37,7 +37,7 @@ from typing import Any, Generic, Iterator, TypeVar
 import numpy as np
 import torch
 
-from mocha.text.conversation import IGNORE_INDEX, TRAINABLE_STATUSES, tokenize_conversation
+from mocha.text.conversation import IGNORE_INDEX, OVER_BUDGET_STATUSES, TRAINABLE_STATUSES, tokenize_conversation
 
 T = TypeVar("T")
 
@@ -155,7 +155,7 @@ class Example:
 
 
 def decode_row(row: dict[str, Any], tokenizer, template: str, max_length: int, num_image_tokens: int,
-               encoder_kinds: tuple[str, ...], from_features: bool) -> Example:
+               encoder_kinds: tuple[str, ...], from_features: bool, image_token_first: bool = False) -> Example:
     """Raw WebDataset row -> tokenised example with its image or its precomputed features."""
     from pipelines.validation import image_member, open_rgb
 
@@ -170,6 +170,7 @@ def decode_row(row: dict[str, Any], tokenizer, template: str, max_length: int, n
         raise ValueError(f"sample {key!r} holds an image member but its record names no image "
                          "(text-only): the shard does not match its records")
     tok = tokenize_conversation(record["conversations"], tokenizer, template, max_length=max_length, sample_id=key,
+                                image_token_first=image_token_first,
                                 num_image_tokens=num_image_tokens if has_image else 0)
     ex = Example(key, tok.input_ids, tok.labels, tok.status)
     if not has_image:
@@ -204,6 +205,11 @@ class Batch:
     def is_padding(self) -> bool:
         """An empty micro-batch that only keeps this rank's collectives in step with the others."""
         return self.num_samples == 0
+
+    @property
+    def num_over_budget(self) -> int:
+        """Samples that did not fit ``max_length``: text cut (still trained) or masked out."""
+        return sum(n for status, n in self.statuses.items() if status in OVER_BUDGET_STATUSES)
 
     def model_inputs(self, device) -> dict[str, Any]:
         move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731

@@ -236,7 +236,7 @@ def rank_batches(run: Run, state: TrainState):
 
     def decode(row):
         return decode_row(row, run.tokenizer, job.model.template, job.model.max_length, model.num_visual_tokens,
-                          model.encoder_kinds, from_features)
+                          model.encoder_kinds, from_features, image_token_first=job.model.image_token_first)
 
     data = RankData(run.plan, run.rank, run.world, job.schedule.global_batch_size, job.schedule.micro_batch_size,
                     state.step, resolve_filesystem, decode)
@@ -303,6 +303,7 @@ def train_step(run: Run, batches) -> StepMetrics:
         m.tokens += int(batch.attention_mask.sum())
         m.samples += batch.num_samples
         m.masked_samples += batch.num_masked
+        m.over_budget_samples += batch.num_over_budget
         if not dummy:
             for kind, load in out.expert_load.items():
                 m.expert_load[kind] = m.expert_load.get(kind, 0) + load.detach().float().cpu()
@@ -338,6 +339,9 @@ def save(run: Run, state: TrainState, record: dict, final: bool) -> None:
             log.info(f"[mocha] removed old checkpoint {gone}")
     if final:
         export_model(run)
+        if run.rank == 0:
+            line, _ = run.metrics.truncation_summary()
+            print(f"[mocha] {line}", flush=True)
     ray.train.report(record)
 
 

@@ -48,6 +48,7 @@ class StepMetrics:
     tokens: int = 0
     samples: int = 0
     masked_samples: int = 0
+    over_budget_samples: int = 0  # text cut by max_length, or masked because nothing fit (see conversation.py)
     expert_load: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -71,19 +72,20 @@ class MetricsLog:
         """Sum this step's shares over workers; rank 0 logs and keeps the record. ``layout``: the
         step's ``world_size``, ``ep_size`` and ``grad_accum`` (micro-batches per worker)."""
         scalars = torch.tensor([m.loss, m.lm_loss, m.balance_loss, m.z_loss, m.moe_llm_loss,
-                                m.tokens, m.samples, m.masked_samples, elapsed, data_wait], dtype=torch.float64)
+                                m.tokens, m.samples, m.masked_samples, m.over_budget_samples, elapsed, data_wait],
+                               dtype=torch.float64)
         kinds = sorted(m.expert_load)
         loads = torch.stack([m.expert_load[k] for k in kinds]).double() if kinds else torch.zeros(0)
         scalars = _all_reduce_sum(scalars)
         loads = _all_reduce_sum(loads) if kinds else loads
-        loss, lm, bal, z, moe, tokens, samples, masked, elapsed_sum, wait_sum = scalars.tolist()
+        loss, lm, bal, z, moe, tokens, samples, masked, over_budget, elapsed_sum, wait_sum = scalars.tolist()
         world = layout["world_size"]
         step_time = elapsed_sum / world
         record = {
             "step": step, "stage": self.job.stage, "loss": loss, "lm_loss": lm,
             "balance_loss": bal, "z_loss": z, "lr": lr,
             "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
-            "samples": int(samples), "masked_samples": int(masked),
+            "samples": int(samples), "masked_samples": int(masked), "over_budget_samples": int(over_budget),
             "step_time_s": step_time, "data_wait_s": wait_sum / world,
             "data_wait_fraction": (wait_sum / elapsed_sum) if elapsed_sum > 0 else 0.0,
             **layout,
@@ -101,6 +103,15 @@ class MetricsLog:
                          f"lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s data-wait {record['data_wait_fraction']:.1%} "
                          f"[{world} workers]")
         return record
+
+    def truncation_summary(self) -> tuple[str, bool]:
+        """The whole run's count of samples over the sequence budget (the history includes the
+        steps before a resume), and whether it is over the warning threshold."""
+        from mocha.text.conversation import truncation_report
+
+        total = sum(r["samples"] for r in self.records)
+        over = sum(r.get("over_budget_samples", 0) for r in self.records)
+        return truncation_report(over, total, self.job.model.max_length, f"stage {self.job.stage} run {self.job.run.name}")
 
     def write(self, checkpoint_url: str | None = None) -> None:
         """Write the history to the run dir and, when given, into a checkpoint folder (rank 0;

@@ -24,6 +24,7 @@ FORMATS = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP"}
 PER_SHARD = 3
 COMBINATIONS = [c for n in range(1, PER_SHARD + 1) for c in itertools.combinations(KINDS, n)]
 GLOBAL_BATCH = 16
+LONG_EVERY = 7
 
 
 def _mixed_records(records: list[dict], image_dir: Path) -> tuple[list[dict], list[str]]:
@@ -36,8 +37,9 @@ def _mixed_records(records: list[dict], image_dir: Path) -> tuple[list[dict], li
             record = json.loads(json.dumps(records[s * PER_SHARD + j]))
             if kind == "text":
                 record.pop("image")
+                long = len(out) % LONG_EVERY == 0  # a few answers longer than max_length: counted, text cut
                 record["conversations"] = [{"from": "human", "value": "Name a colour."},
-                                           {"from": "gpt", "value": "red"}]
+                                           {"from": "gpt", "value": " ".join(["red"] * 400) if long else "red"}]
             else:
                 image = Image.open(image_dir / record["image"]).convert("RGB")
                 name = f"{Path(record['image']).stem}.{kind}"
@@ -50,9 +52,10 @@ def _mixed_records(records: list[dict], image_dir: Path) -> tuple[list[dict], li
 
 @pytest.fixture(scope="module")
 def mixed(ray_cluster, tmp_path_factory):
+    from mocha.demo.pipeline import DemoConfig, demo_model_config
     from mocha.demo.synthetic import generate_shapes_dataset, iter_all_texts
     from mocha.text.tokenizer import train_bpe_tokenizer
-    from pipelines.shard import ShardJobConfig, build_shards
+    from pipelines.shard import SequenceBudget, ShardJobConfig, build_shards
 
     root = tmp_path_factory.mktemp("mixed")
     paths = generate_shapes_dataset(root / "raw", num_train=len(COMBINATIONS) * PER_SHARD, num_eval=8)
@@ -61,8 +64,10 @@ def mixed(ray_cluster, tmp_path_factory):
     source = root / "stage1_mixed.json"
     source.write_text(json.dumps(records))
     shards = root / "shards"
+    budget = SequenceBudget.of_model(demo_model_config(DemoConfig(out=str(root), width=64), "plain"),
+                                     str(root / "tokenizer"))
     build_shards(ShardJobConfig(input=str(source), images=str(paths.image_dir), output=str(shards),
-                                samples_per_shard=PER_SHARD), progress=False)
+                                samples_per_shard=PER_SHARD, sequence_budget=budget), progress=False)
     return root, shards, kinds
 
 
@@ -73,6 +78,9 @@ def test_shards_hold_every_kind_mix_and_ray_rows_carry_only_their_own_members(mi
     _, shards, kinds = mixed
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["num_samples"] == len(kinds)  # nothing quarantined: every format is accepted
+    long = sum(1 for i, kind in enumerate(kinds) if kind == "text" and i % LONG_EVERY == 0)
+    assert long >= 2 and manifest["sequence_budget"]["over_budget"] == long  # counted by the shard build
+    assert manifest["sequence_budget"]["statuses"] == {"ok": len(kinds) - long, "truncated": long}
     tars = [str(shards / s["name"]) for s in manifest["shards"]]
     written = [(key, members) for tar in tars for key, members in iter_tar_samples(tar)]
     suffixes = [next((k for k in members if k != "json"), "text") for _, members in written]
@@ -103,5 +111,8 @@ def test_stage1_with_online_encoders_trains_a_whole_epoch_of_mixed_formats(mixed
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert sum(r["samples"] for r in records) == steps * GLOBAL_BATCH >= len(kinds)
     assert all(r["masked_samples"] == 0 for r in records)  # every image and text-only sample trained
+    long = sum(1 for i, kind in enumerate(kinds) if kind == "text" and i % LONG_EVERY == 0)
+    # every long sample was read at least once; the reads past the epoch may repeat some
+    assert long <= sum(r["over_budget_samples"] for r in records) <= long + steps * GLOBAL_BATCH - len(kinds)
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, no NaN
     assert (root / "train" / "mixed-s1" / "export" / "model.safetensors").exists()

@@ -218,16 +218,17 @@ REAL_PROCESSORS = {
     "siglip": (SiglipImageProcessorPil, {
         "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5], "resample": 3, "rescale_factor": 1 / 255, "size": {"height": 384, "width": 384}}),
+    # facebook/dinov2-large's processor at the official 336 px (shortest edge 336 * 256/224 = 384, crop 336)
     "dinov2": (BitImageProcessorPil, {
-        "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+        "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True,
         "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": 256}}),
+        "image_std": [0.229, 0.224, 0.225], "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": 384}}),
     # timm pretrained_cfg of convnext_xxlarge.clip_laion2b_soup_ft_in1k: bicubic, crop_pct 1.0,
-    # OpenAI CLIP mean/std; at 384 px that is the official tower's CLIPImageProcessor.
+    # OpenAI CLIP mean/std; at the official 336 px that is the CLIP processor the official code feeds it.
     "convnext": (CLIPImageProcessorPil, {
-        "crop_size": 384, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3, "size": 384}),
+        "resample": 3, "size": 336}),
 }
 
 
@@ -341,7 +342,7 @@ def test_timm_conversion_rejects_unknown_keys():
 def test_registry_defaults_name_the_paper_checkpoints():
     assert {k: s.default_pretrained for k, s in ENCODERS.items()} == {
         "clip": "openai/clip-vit-large-patch14-336",
-        "siglip": "google/siglip-so400m-patch14-384",
+        "siglip": "google/siglip-large-patch16-384",  # the official MoCHA SigLIP tower
         "dinov2": "facebook/dinov2-large",
         "convnext": "timm/convnext_xxlarge.clip_laion2b_soup_ft_in1k",
     }

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from mocha.config import EncoderConfig
-from mocha.model.encoders import build_encoders
 from mocha.model.tiny import tiny_encoder_configs, tiny_model_config
 from pipelines.features import EncoderFeatureInfo, FeatureEncoder, FeatureManifest, FeatureMismatchError, decode_features
 from pipelines.tar_shards import iter_tar_samples, write_tar_shard
@@ -38,26 +37,32 @@ def source_shard(tmp_path_factory):
     return url, samples
 
 
-def _encode(source, tmp_path, dtype: str, batch_size: int):
+def _encode(source, tmp_path, dtype: str, batch_size: int, pad_to_square: bool = True):
     encoder_cfgs = [c.model_dump() for c in tiny_encoder_configs()]
-    actor = FeatureEncoder(encoder_cfgs, dtype=dtype, batch_size=batch_size, output=str(tmp_path), use_gpu=False)
+    actor = FeatureEncoder(encoder_cfgs, dtype=dtype, batch_size=batch_size, output=str(tmp_path), use_gpu=False,
+                           pad_to_square=pad_to_square)
     info = actor.encode_shard(source, str(tmp_path / "shard-000000.tar"))
     return info, dict(iter_tar_samples(str(tmp_path / "shard-000000.tar")))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_features_equal_the_in_process_encoders_on_the_same_batches(source_shard, tmp_path, dtype):
+@pytest.mark.parametrize("dtype, pad_to_square", [("float32", True), ("float16", True), ("float32", False)])
+def test_features_equal_the_in_process_encoders_on_the_same_batches(source_shard, tmp_path, dtype, pad_to_square):
+    from mocha.model.mocha import MochaModel
+    from mocha.model.tiny import tiny_model_config
+
     url, samples = source_shard
-    info, out = _encode(url, tmp_path, dtype, batch_size=3)
+    info, out = _encode(url, tmp_path, dtype, batch_size=3, pad_to_square=pad_to_square)
     assert info.count == 8 and list(out) == [key for key, _ in samples]  # aligned, same order
-    # Reference: fresh encoders built from the same configs (seeded init), the model's image path.
-    encoders = build_encoders(tiny_encoder_configs())
+    # Reference: the model's own image path (MochaModel.preprocess: the shared pad to a square,
+    # then each encoder's processor) with encoders built from the same configs (seeded init).
+    model = MochaModel(tiny_model_config(pad_to_square=pad_to_square))
+    encoders = model.encoders
     with_images = [(key, image) for key, image in samples if image is not None]
     for start in range(0, len(with_images), 3):
         batch = with_images[start:start + 3]
         pil = [Image.open(io.BytesIO(image)).convert("RGB") for _, image in batch]
         for kind, encoder in encoders.items():
-            ref = encoder(torch.stack([encoder.preprocess(im) for im in pil])).numpy().astype(dtype)
+            ref = encoder(torch.stack([model.preprocess(im)[kind] for im in pil])).numpy().astype(dtype)
             for row, (key, _) in enumerate(batch):
                 got = decode_features(out[key])[kind]
                 assert got.dtype == np.dtype(dtype) and got.shape == (encoder.num_tokens, encoder.hidden_size)

@@ -11,16 +11,16 @@ from mocha.model.encoders import build_encoder
 from mocha.model.llm import build_llm, real_llm_config
 from mocha.plan.params import count_parameters, measure_model, real_model_config
 
-# Published sizes: CLIP ViT-L/14-336 vision tower 303.5M (HF CLIPVisionModel); SigLIP so400m
-# vision tower 428M (timm/HF model cards); DINOv2 ViT-L/14 304M (DINOv2 paper, model card);
+# Published sizes: CLIP ViT-L/14-336 vision tower 303.5M (HF CLIPVisionModel); SigLIP-L/16-384
+# vision tower 316M (HF model card; 428M for so400m); DINOv2 ViT-L/14 304M (DINOv2 paper, model card);
 # ConvNeXt-XXL 846.47M in timm *with* its 1000-class head (3072*1000 + 1000 = 3.07M), i.e.
 # 843.40M backbone; Phi-2 2.78B; Vicuna-7B v1.5 (Llama-2-7B) 6.74B.
 ENCODERS = {
-    # kind: (parameters, image size, tokens per image, token width)
+    # kind: (parameters, image size, tokens per image, token width): the official MoCHA towers
     "clip": (303.5e6, 336, 24 * 24, 1024),
-    "siglip": (428e6, 384, 27 * 27, 1152),
-    "dinov2": (304e6, 224, 16 * 16, 1024),
-    "convnext": (846.47e6 - 3.073e6, 384, 12 * 12, 3072 // 3),
+    "siglip": (316e6, 384, 24 * 24, 1024),
+    "dinov2": (304e6, 336, 24 * 24, 1024),
+    "convnext": (846.47e6 - 3.073e6, 336, 10 * 10, 3072 // 3),  # official: 100 tokens
 }
 LLMS = {"phi": (2.78e9, 2560), "llama": (6.74e9, 4096)}
 
@@ -47,7 +47,7 @@ def test_real_llm_size(family):
 def test_real_model_totals():
     size = measure_model(real_model_config("phi"))
     assert [e.kind for e in size.encoders] == ["siglip", "convnext", "clip", "dinov2"]
-    assert size.visual_tokens == 729 + 144 + 576 + 256 == 1705
+    assert size.visual_tokens == 576 + 100 + 576 + 576 == 1828
     assert size.encoder_params == pytest.approx(sum(v[0] for v in ENCODERS.values()), rel=0.01)
     assert size.llm.hidden == 2560
 

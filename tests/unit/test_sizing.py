@@ -28,12 +28,12 @@ def setup(**changes) -> memory.TrainSetup:
 
 
 def test_real_model_visual_tokens_and_connector_parameters(phi):
-    assert [(e.kind, e.tokens) for e in phi.encoders] == [("siglip", 729), ("convnext", 144), ("clip", 576),
-                                                            ("dinov2", 256)]
-    assert phi.visual_tokens == 1705
+    assert [(e.kind, e.tokens) for e in phi.encoders] == [("siglip", 576), ("convnext", 100), ("clip", 576),
+                                                            ("dinov2", 576)]
+    assert phi.visual_tokens == 1828
     hidden, experts = 2560, 4
     # ConvNeXt-XXL's 3072 channels are average-pooled to 1024 before its connector.
-    widths = {"siglip": 1152, "convnext": 1024, "clip": 1024, "dinov2": 1024}
+    widths = {"siglip": 1024, "convnext": 1024, "clip": 1024, "dinov2": 1024}
     for conn in phi.connectors:
         d = widths[conn.kind]
         assert conn.in_features == d
@@ -111,7 +111,7 @@ def test_time_plan_arithmetic(phi):
 
 
 def test_sequence_length_must_fit_max_length(phi):
-    assert memory.stage_seq_len(phi, 1, 2048) == 1705 + memory.STAGE1_TEXT_TOKENS
+    assert memory.stage_seq_len(phi, 1, 2048) == 1828 + memory.STAGE1_TEXT_TOKENS
     assert memory.stage_seq_len(phi, 2, 2048) == 2048
     with pytest.raises(ValueError, match="max_length 1024"):
         memory.stage_seq_len(phi, 1, 1024)
@@ -126,11 +126,32 @@ def test_readme_tables_equal_what_sizing_computes():
 
 
 def test_mocha_plan_prints_the_plan_of_a_job_file(capsys):
-    assert mocha_main(["plan", str(ROOT / "jobs" / "stage2.yaml"), "--set", "model.max_length=2048",
+    """At the real size: per-encoder token counts, the text budget left by max_length 2560, per-GPU
+    memory and the checkpoint size, each checked against counts of meta-device builds made here."""
+    import torch
+
+    from mocha.config import EncoderConfig
+    from mocha.model.connector import build_connector
+    from mocha.model.encoders import build_encoder
+    from mocha.model.llm import build_llm, real_llm_config
+
+    assert mocha_main(["plan", str(ROOT / "jobs" / "stage2.yaml"),
                        "--set", "schedule.gradient_checkpointing=false", "--set", "schedule.micro_batch_size=8",
                        "--set", "scaling.num_workers=8", "--set", "data.num_streams=8"]) == 0
     out, err = capsys.readouterr()
-    assert "2,927.9M" in out  # stage 2 trains connectors + Phi-2
-    assert "2,048 (1,705 visual)" in out
-    # 8 un-checkpointed 2,048-token samples do not fit 80 GB: the plan says so and what would.
-    assert "exceeds the usable" in err and "micro_batch_size to 6" in err
+    encoders = [build_encoder(EncoderConfig(kind=k), device="meta") for k in ("siglip", "convnext", "clip", "dinov2")]
+    assert [(e.num_tokens, e.hidden_size) for e in encoders] == [(576, 1024), (100, 1024), (576, 1024), (576, 1024)]
+    visual = sum(e.num_tokens for e in encoders)
+    for e in encoders:
+        assert f"{e.kind} {e.num_tokens:,} ({e.image_size} px, {e.hidden_size:,}-d)" in out
+    assert f"= {visual:,}" in out and f"{2560 - visual:,} tokens (max_length 2,560 - {visual:,} visual)" in out
+    assert "2,560 (1,828 visual)" in out
+    llm = build_llm(real_llm_config("phi"), device="meta")
+    with torch.device("meta"):
+        connectors = [build_connector(real_model_config("phi").connector, e.hidden_size, 2560) for e in encoders]
+    trainable = params.count_parameters(llm) + sum(params.count_parameters(c) for c in connectors)
+    assert f"{trainable / 1e6:,.1f}M" in out  # stage 2 trains connectors + Phi-2
+    assert f"one checkpoint save (trainable fp32 + AdamW)   {12 * trainable / memory.GiB:,.2f} GiB" in out
+    # 8 un-checkpointed 2,560-token samples do not fit 80 GB: the plan says so and what would.
+    assert "exceeds the usable" in err and "micro_batch_size to 5" in err
+    assert "runs past the LLM's 2,048 configured positions" in err  # Phi-2 at the official 2560

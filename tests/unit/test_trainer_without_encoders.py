@@ -80,8 +80,10 @@ def test_pretrained_encoders_are_sized_from_config_json_without_their_weights(tm
 
 
 def test_timm_convnext_checkpoint_is_sized_from_its_timm_config(tmp_path):
-    """The paper's ConvNeXt-XXL ships as a timm checkpoint: 384 px, stride 32 -> 12x12 = 144
-    tokens, 3072 channels pooled by 3 -> 1024."""
+    """The paper's ConvNeXt-XXL ships as a timm checkpoint: at the official 336 px, stride 32 ->
+    10x10 = 100 tokens (384 px: 12x12 = 144), 3072 channels pooled by 3 -> 1024."""
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "convnext_xxlarge", "num_classes": 1024}))
     geometry = encoder_geometry(EncoderConfig(kind="convnext", pretrained=str(tmp_path)))
+    assert (geometry.image_size, geometry.num_tokens, geometry.hidden_size) == (336, 100, 1024)
+    geometry = encoder_geometry(EncoderConfig(kind="convnext", pretrained=str(tmp_path), image_size=384))
     assert (geometry.image_size, geometry.num_tokens, geometry.hidden_size) == (384, 144, 1024)
