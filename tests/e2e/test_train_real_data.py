@@ -24,7 +24,7 @@ FORMATS = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP"}
 PER_SHARD = 3
 COMBINATIONS = [c for n in range(1, PER_SHARD + 1) for c in itertools.combinations(KINDS, n)]
 GLOBAL_BATCH = 16
-LONG_EVERY = 7
+LONG_EVERY = 4
 
 
 def _mixed_records(records: list[dict], image_dir: Path) -> tuple[list[dict], list[str]]:
@@ -91,23 +91,43 @@ def test_shards_hold_every_kind_mix_and_ray_rows_carry_only_their_own_members(mi
         assert {k: v for k, v in row.items() if k != "__key__"} == members
 
 
-def test_stage1_with_online_encoders_trains_a_whole_epoch_of_mixed_formats(mixed):
+def _run_train(root: Path, job: dict, name: str, *extra: str) -> Path:
+    """`mocha train` on a job YAML written from ``job``; returns the run directory."""
     from mocha.cli import main
+
+    job["run"].update(name=name)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path), *extra]) == 0
+    return root / "train" / name
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _demo_job(root: Path, stage: int, shards: Path, steps: int) -> dict:
     from mocha.demo.pipeline import DemoConfig, demo_job
 
-    root, shards, kinds = mixed
     cfg = DemoConfig(out=str(root), llm_pretrain_steps=0, global_batch_size=GLOBAL_BATCH, width=64)
-    job = demo_job(cfg, 1, root).model_dump(mode="json")
-    steps = -(-len(kinds) // GLOBAL_BATCH)  # ceil: every sample is read at least once
-    job["data"].update(shards=str(shards), features=None)
+    job = demo_job(cfg, stage, root).model_dump(mode="json")
+    job["data"].update(shards=str(shards), features=None)  # online encoders: the images themselves train
     job["schedule"].update(max_steps=steps, log_every=1)
     job["checkpoint"].update(every_steps=steps)
-    job["run"].update(name="mixed-s1")
-    path = root / "stage1_mixed.yaml"
-    path.write_text(yaml.safe_dump(job))
-    assert main(["train", str(path)]) == 0
+    return job
 
-    records = [json.loads(line) for line in (root / "train" / "mixed-s1" / "metrics.jsonl").read_text().splitlines()]
+
+@pytest.fixture(scope="module")
+def stage1(mixed):
+    root, shards, kinds = mixed
+    steps = -(-len(kinds) // GLOBAL_BATCH)  # ceil: every sample is read at least once
+    return _run_train(root, _demo_job(root, 1, shards, steps), "mixed-s1"), steps
+
+
+def test_stage1_with_online_encoders_trains_a_whole_epoch_of_mixed_formats(mixed, stage1):
+    root, shards, kinds = mixed
+    run_dir, steps = stage1
+    records = _metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert sum(r["samples"] for r in records) == steps * GLOBAL_BATCH >= len(kinds)
     assert all(r["masked_samples"] == 0 for r in records)  # every image and text-only sample trained
@@ -115,4 +135,59 @@ def test_stage1_with_online_encoders_trains_a_whole_epoch_of_mixed_formats(mixed
     # every long sample was read at least once; the reads past the epoch may repeat some
     assert long <= sum(r["over_budget_samples"] for r in records) <= long + steps * GLOBAL_BATCH - len(kinds)
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, no NaN
-    assert (root / "train" / "mixed-s1" / "export" / "model.safetensors").exists()
+    assert (run_dir / "export" / "model.safetensors").exists()
+
+
+def test_stage2_with_moe_llm_on_2_workers_resumes_on_1_exports_and_generates(mixed, stage1):
+    """The issue's whole path on the mixed shard set: stage 2 from stage 1's export with MoE layers
+    in the LLM (layer 1's FFN upcycled to 4 experts, expert-parallel over 2 workers), a checkpoint
+    at step 2, resumed on 1 worker (experts all on one rank) to step 4, exported, and answering a
+    question about a GIF with `mocha generate`."""
+    from mocha.cli import main
+
+    root, shards, _ = mixed
+    stage1_dir, _ = stage1
+    job = _demo_job(root, 2, shards, steps=4)
+    job["init"]["trainable_from"] = str(stage1_dir / "export")
+    job["model"]["llm_experts"] = {"layers": [1], "num_experts": 4, "top_k": 2}
+    job["checkpoint"].update(every_steps=2, keep=2)
+    job["deepspeed"]["ep_size"] = 2
+    two = _run_train(root, json.loads(json.dumps(job)), "mixed-s2-moe")
+    reference = _metrics(two)
+    assert [r["step"] for r in reference] == [1, 2, 3, 4] and all(r["moe_llm_loss"] > 0 for r in reference)
+    checkpoints = {json.loads((d / "state.json").read_text())["extra_state"]["step"]: d
+                   for d in two.glob("checkpoint_*") if (d / "state.json").exists()}
+
+    job["scaling"].update(num_workers=1, cpus_per_worker=0.5)
+    job["deepspeed"]["ep_size"] = 1
+    one = _run_train(root, job, "mixed-s2-moe-one-worker", "--resume-from", str(checkpoints[2]))
+    resumed = _metrics(one)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # history carried over from the checkpoint
+    for ref, got in zip(reference[2:], resumed[2:]):  # same samples per step, summed in another order
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-3)
+
+    from safetensors.torch import load_file
+
+    exported = load_file(one / "export" / "model.safetensors")
+    prefix = "llm.model.layers.1.mlp.experts."
+    assert {int(k[len(prefix):].split(".")[0]) for k in exported if k.startswith(prefix)} == {0, 1, 2, 3}
+    gif = next(p for p in (root / "raw" / "images").glob("*.gif"))
+    assert main(["generate", "--checkpoint", str(one / "export"), "--image", str(gif),
+                 "--prompt", "What is in the picture?", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+
+    import torch
+    from PIL import Image
+
+    from mocha.export.pretrained import load_pretrained
+    from mocha.model.moe_llm import MoEFeedForward
+    from mocha.text.conversation import tokenize_prompt
+
+    model, tokenizer = load_pretrained(str(one / "export"))  # what `mocha generate` loaded
+    assert isinstance(model.llm.model.layers[1].mlp, MoEFeedForward)
+    ids = torch.tensor([tokenize_prompt([{"from": "human", "value": "<image>\nWhat is in the picture?"}], tokenizer,
+                                        model.config.template, image_token_first=True)])
+    with Image.open(gif) as image:
+        pixels = {k: v[None] for k, v in model.preprocess(image.convert("RGB")).items()}
+    new = model.generate(ids, pixel_values=pixels, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    assert 1 <= new.shape[1] <= 8 and int(new.max()) < len(tokenizer)
