@@ -155,8 +155,9 @@ def test_stage2_with_moe_llm_on_2_workers_resumes_on_1_exports_and_generates(mix
     two = _run_train(root, json.loads(json.dumps(job)), "mixed-s2-moe")
     reference = _metrics(two)
     assert [r["step"] for r in reference] == [1, 2, 3, 4] and all(r["moe_llm_loss"] > 0 for r in reference)
-    checkpoints = {json.loads((d / "state.json").read_text())["extra_state"]["step"]: d
-                   for d in two.glob("checkpoint_*") if (d / "state.json").exists()}
+    from mocha.train.checkpoint import list_checkpoints, read_checkpoint_state
+
+    checkpoints = {read_checkpoint_state(url)["extra_state"]["step"]: url for url in list_checkpoints(str(two))}
 
     job["scaling"].update(num_workers=1, cpus_per_worker=0.5)
     job["deepspeed"]["ep_size"] = 1

@@ -151,7 +151,7 @@ def test_mocha_plan_prints_the_plan_of_a_job_file(capsys):
         connectors = [build_connector(real_model_config("phi").connector, e.hidden_size, 2560) for e in encoders]
     trainable = params.count_parameters(llm) + sum(params.count_parameters(c) for c in connectors)
     assert f"{trainable / 1e6:,.1f}M" in out  # stage 2 trains connectors + Phi-2
-    assert f"one checkpoint save (trainable fp32 + AdamW)   {12 * trainable / memory.GiB:,.2f} GiB" in out
+    assert f"{12 * trainable / memory.GiB:,.2f} / {12 * trainable / 8 / memory.GiB:,.2f} GiB" in out  # checkpoint
     # 8 un-checkpointed 2,560-token samples do not fit 80 GB: the plan says so and what would.
     assert "exceeds the usable" in err and "micro_batch_size to 5" in err
     assert "runs past the LLM's 2,048 configured positions" in err  # Phi-2 at the official 2560
