@@ -26,19 +26,39 @@ _CONTENT = """\
 {%- endmacro -%}
 """
 
+#: ``render`` for a model trained with ``image_token_first`` (``mocha.text.conversation.image_first``):
+#: a user turn's placeholders go first, then ``"\n"`` and the rest of its text, stripped.
+_CONTENT_IMAGE_FIRST = """\
+{%- macro render(content, sep) -%}
+{%- if content is string -%}{%- set text = content -%}{%- else -%}
+{%- set text = namespace(value='') -%}
+{%- for part in content -%}
+{%- if part['type'] == 'image' -%}{%- set text.value = text.value + IMAGE + sep -%}
+{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}
+{%- endfor -%}{%- set text = text.value -%}{%- endif -%}
+{%- set count = text.count(IMAGE) -%}
+{%- if count == 0 -%}{{ text }}
+{%- else -%}{%- set rest = text.replace(IMAGE, '').strip() -%}
+{{ IMAGE * count + ('\\n' + rest if rest else '') }}
+{%- endif -%}
+{%- endmacro -%}
+"""
+
 
 def _literal(value: str) -> str:
     """A jinja string literal (JSON escapes are valid jinja/Python escapes)."""
     return json.dumps(value)
 
 
-def chat_template(name: str) -> str:
+def chat_template(name: str, image_token_first: bool = False) -> str:
     """The jinja chat template of mocha conversation template ``name`` (``phi``, ``vicuna_v1``,
-    ``plain``)."""
+    ``plain``); ``image_token_first``: user turns render as :func:`~mocha.text.conversation.image_first`
+    makes them (the model's ``image_token_first``)."""
     spec = get_template(name)
     user, assistant = spec.roles
     header = (f"{{%- set IMAGE = {_literal(IMAGE_TOKEN)} -%}}\n"
-              f"{{%- set system = namespace(text={_literal(spec.system)}) -%}}\n" + _CONTENT)
+              f"{{%- set system = namespace(text={_literal(spec.system)}) -%}}\n"
+              + (_CONTENT_IMAGE_FIRST if image_token_first and not spec.is_plain else _CONTENT))
     if spec.is_plain:
         # plain: a user turn contributes only its image placeholders; a reply is learned with "\n".
         body = ("{%- for message in messages -%}\n"

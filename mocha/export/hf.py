@@ -187,9 +187,10 @@ def _write_processor_files(directory: Path, config, num_image_tokens: int) -> No
                  "encoders": [e.model_dump() for e in config.encoders],
                  "template": config.template,
                  "image_token": IMAGE_TOKEN_NAME,
-                 "num_image_tokens": num_image_tokens}
+                 "num_image_tokens": num_image_tokens,
+                 "pad_to_square": config.pad_to_square}
     (directory / EXPORT_PROCESSOR_CONFIG_NAME).write_text(json.dumps(processor, indent=2) + "\n")
-    (directory / EXPORT_CHAT_TEMPLATE_NAME).write_text(chat_template(config.template))
+    (directory / EXPORT_CHAT_TEMPLATE_NAME).write_text(chat_template(config.template, config.image_token_first))
     # tokenizer_config.json points AutoProcessor at the processor too (some loaders read only it).
     tokenizer_config = directory / "tokenizer_config.json"
     data = json.loads(tokenizer_config.read_text())

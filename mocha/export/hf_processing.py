@@ -16,7 +16,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from mocha.config import EncoderConfig
 from mocha.export.hf_configuration import PIXEL_VALUES_PREFIX
-from mocha.model.encoders import build_image_processor, preprocess_image
+from mocha.model.encoders import build_image_processor, expand_to_square, preprocess_image
 from mocha.text.conversation import IMAGE_TOKEN_INDEX, encode_prompt
 
 
@@ -27,16 +27,19 @@ class MochaProcessor(ProcessorMixin):
         template: mocha conversation template (``phi``, ``vicuna_v1``, ``plain``).
         image_token: the placeholder in prompts (``<image>``).
         num_image_tokens: visual tokens per image.
+        pad_to_square: pad each image to a square with the mean colour before the encoders'
+            processors (the model's ``pad_to_square``, LLaVA-1.5's ``image_aspect_ratio: pad``).
     """
 
     def __init__(self, tokenizer=None, chat_template=None, encoders=None, template="phi", image_token="<image>",
-                 num_image_tokens=None):
+                 num_image_tokens=None, pad_to_square=False):
         if not encoders or not num_image_tokens:
             raise ValueError("MochaProcessor needs the model's encoders and num_image_tokens (processor_config.json)")
         self.encoders = [EncoderConfig.model_validate(e).model_dump() for e in encoders]
         self.template = template
         self.image_token = image_token
         self.num_image_tokens = int(num_image_tokens)
+        self.pad_to_square = bool(pad_to_square)
         self.image_processors = {cfg["kind"]: build_image_processor(EncoderConfig.model_validate(cfg))
                                  for cfg in self.encoders}
         super().__init__(tokenizer, chat_template=chat_template)
@@ -88,9 +91,12 @@ class MochaProcessor(ProcessorMixin):
             attention_mask[i, span] = 1
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat_images:
+            flat_images = [image.convert("RGB") for image in flat_images]
+            if self.pad_to_square:  # the shared step before every encoder (MochaModel.preprocess)
+                flat_images = [expand_to_square(image) for image in flat_images]
             for kind, processor in self.image_processors.items():
                 data[PIXEL_VALUES_PREFIX + kind] = torch.stack(
-                    [preprocess_image(processor, image.convert("RGB")) for image in flat_images])
+                    [preprocess_image(processor, image) for image in flat_images])
         return BatchFeature(data=data)
 
 

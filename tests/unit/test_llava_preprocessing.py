@@ -77,3 +77,36 @@ def test_tokenised_image_placeholder_comes_first_in_training_and_prompts(tokeniz
     assert early.input_ids.index(IMAGE_TOKEN_INDEX) == prefix < late.input_ids.index(IMAGE_TOKEN_INDEX)
     prompt = tokenize_prompt(turns[:1], tokenizer, "phi", image_token_first=True)
     assert prompt == early.input_ids[:len(prompt)]  # generation sees what training saw
+
+
+@pytest.mark.parametrize("template", ["phi", "vicuna_v1"])
+def test_export_chat_template_and_processor_follow_both_switches(template, tokenizer):
+    """The transformers-native export renders and preprocesses as training did: the chat template
+    moves <image> first (as image_first), the processor pads to a square before the encoders."""
+    from jinja2 import Environment
+
+    from mocha.export.chat_template import chat_template
+    from mocha.export.hf_processing import MochaProcessor
+    from mocha.model.tiny import tiny_encoder_configs
+    from mocha.text.conversation import build_prompt
+
+    turns = [{"from": "human", "value": "What is in the picture? <image>"}]
+    for content in (turns[0]["value"], [{"type": "text", "text": "What is in the picture? "}, {"type": "image"}]):
+        messages = [{"role": "user", "content": content}]
+        rendered = Environment().from_string(chat_template(template, image_token_first=True)).render(messages=messages)
+        assert rendered == build_prompt(image_first(turns), template)
+        as_given = Environment().from_string(chat_template(template)).render(messages=messages)
+        assert as_given != rendered  # the switch matters
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    encoders = [c.model_dump() for c in tiny_encoder_configs()]
+    wide = Image.new("RGB", (60, 20), (0, 200, 0))
+    pixels = {pad: MochaProcessor(tokenizer, encoders=encoders, template=template, num_image_tokens=3,
+                                  pad_to_square=pad)(images=[wide], text="<image>\nHi") for pad in (True, False)}
+    from mocha.model.mocha import MochaModel
+    from mocha.model.tiny import tiny_model_config
+
+    model = MochaModel(tiny_model_config(pad_to_square=True))
+    for kind, expected in model.preprocess(wide).items():
+        torch.testing.assert_close(pixels[True][f"pixel_values_{kind}"][0], expected, rtol=0, atol=0)
+        assert not torch.equal(pixels[False][f"pixel_values_{kind}"][0], expected)
