@@ -340,8 +340,8 @@ def save(run: Run, state: TrainState, record: dict, final: bool) -> None:
     if final:
         export_model(run)
         if run.rank == 0:
-            line, _ = run.metrics.truncation_summary()
-            print(f"[mocha] {line}", flush=True)
+            line, warn = run.metrics.truncation_summary()
+            (log.warning if warn else log.info)(f"[mocha] {line}")
     ray.train.report(record)
 
 
