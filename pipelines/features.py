@@ -9,7 +9,7 @@ training from features reads the feature shards alone.
 
 Each actor of the pool builds the encoders once (on its GPU when the cluster has GPUs) and
 encodes whole shards, ``batch_size`` images per forward pass. An image goes through exactly what
-the model does online: ``Image.open(...).convert("RGB")``, the encoder's ``preprocess``, its
+the model does online: ``mocha.images.decode_rgb`` (the RGB a viewer shows), the encoder's ``preprocess``, its
 ``forward`` in the model's dtype; the stored array is that output cast to the declared dtype.
 With ``float32`` it is bit-identical to the in-process encoder on the same batch (convolution
 kernels may round differently for a different batch size, so "the same batch" matters).
@@ -178,10 +178,10 @@ class FeatureEncoder:
 
     def _flush(self, pending: list[tuple[str, dict[str, bytes]]], out) -> None:
         """Encode the images among ``pending`` in one batch and write all samples in order."""
-        from PIL import Image
+        from mocha.images import decode_rgb
 
         keys = [key for key, members in pending if _image_member(members) is not None]
-        pil = [Image.open(io.BytesIO(_image_member(members))).convert("RGB")
+        pil = [decode_rgb(_image_member(members))
                for _, members in pending if _image_member(members) is not None]
         features: dict[str, np.ndarray] = {}
         for kind, encoder in self.encoders.items():
@@ -282,7 +282,7 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     if {s.name: s.count for s in shards} != expected_counts:
         raise RuntimeError("internal error: feature shards do not match the source shards' sample counts")
 
-    remove_stale_shards(cfg.output_url, keep=len(shards))
+    remove_stale_shards(cfg.output_url, keep={s.name for s in shards})
     manifest = {
         "format": FEATURES_FORMAT,
         "source": {"url": cfg.shards, "fingerprint": source["fingerprint"]},

@@ -1,26 +1,29 @@
-"""LLaVA JSON + images -> WebDataset tar shards, a manifest and a quarantine, on Ray Data.
+"""LLaVA JSON + images -> WebDataset tar shards, a manifest and a quarantine, in one pass on Ray.
 
-The job runs in three stages so that memory stays flat however large the input is:
+The driver streams the input (:class:`~pipelines.records.InputReader`, one record at a time),
+cuts it into *chunks* of ``samples_per_shard`` consecutive records and hands each chunk to a Ray
+task (:func:`pipelines.shard_task.build_shard`) that checks every record and image and writes
+the accepted samples straight into shard ``shard-NNNNNN.tar`` (chunk ``N``): each image is
+read, checked and written once. At most ``concurrency`` tasks are in flight (default: the
+cluster's CPUs), so driver and object-store memory stay flat however large the input is.
 
-1. **Records** (driver, streaming): the input is parsed one record at a time
-   (:class:`~pipelines.records.InputReader`), each record is checked
-   (:func:`~pipelines.validation.check_record`: structure, roles, ``<image>`` count, duplicate
-   ids) and given its key; accepted records go to Ray's object store in blocks of
-   ``chunk_records`` rows, so the driver holds one block at a time.
-2. **Images** (Ray Data tasks): each record's image is read and inspected
-   (:func:`~pipelines.validation.inspect_image`); only the verdict and the image's SHA-256 come
-   back, in input order. The driver streams the verdicts, quarantines rejections and cuts the
-   accepted samples into shard *plans* of exactly ``samples_per_shard`` samples (the last may be
-   short): accepted sample ``i`` goes to shard ``i // samples_per_shard``.
-3. **Shards** (Ray Data tasks, one per shard): each plan's images are read again, checked
-   against the digest from stage 2 (an input that changes mid-build fails loudly), and written
-   as a tar with fixed headers, published atomically, with a done-marker.
+Shard ``N`` holds the accepted samples of chunk ``N``, so a shard holds *at most*
+``samples_per_shard`` samples (fewer where records were quarantined; an all-rejected chunk has
+no shard). Which records form a chunk depends only on the input, so the output is
+byte-identical for the same input on any cluster.
+
+Duplicate ids: the first *good* copy of an id wins. The first copy of each id goes into the
+chunks; later copies wait on the driver. When the pass is done, copies of an id whose earlier
+copy was accepted are quarantined as ``duplicate_id``; for an id whose copy was rejected the
+next copy is tried, in extra chunks numbered after the main ones, until every id is settled.
 
 Output, all byte-identical for the same input: ``shard-NNNNNN.tar`` (members ``{key}.json``, the
 record as given, original id included; ``{key}.jpg|png|webp``, the original image bytes),
-``quarantine.jsonl`` (one line per rejected record, input order) and ``manifest.json``
-(written last). A rerun (after a crash or not) reuses every shard whose done-marker matches its
-plan and whose bytes verify, and rebuilds the rest.
+``quarantine.jsonl`` (one line per rejected record, input order) and ``manifest.json``. The
+output folder is locked for the run (:mod:`pipelines.output_lock`), checked against the run's
+identity and the old manifest removed before any shard is written
+(:mod:`pipelines.shard_output`); the manifest is written last. A rerun of the same job (after
+a crash or not) reuses every shard whose done-marker and bytes verify and rebuilds the rest.
 """
 
 from __future__ import annotations
@@ -32,19 +35,22 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow as pa
 from pydantic import Field
 
 from mocha.config import StrictModel
 from mocha.io import storage
+from pipelines.output_lock import DEFAULT_SETTLE_S, DEFAULT_TTL_S, OutputLock
 from pipelines.records import InputReader
-from pipelines.tar_shards import (ShardInfo, completed_shard, finished_shards, remove_markers, remove_stale_shards,
-                                  shard_name, write_marker,
-                                  write_tar_shard)
-from pipelines.validation import DEFAULT_MAX_PIXELS, Reason, Rejection, check_record, inspect_image, sample_key
-from mocha.io.layout import MANIFEST_NAME, QUARANTINE_NAME
+from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR, QUARANTINE_NAME
+from pipelines.shard_output import prepare_output
+from pipelines.shard_task import ShardResult, Verdict, build_shard
+from pipelines.tar_shards import ShardInfo, marker_url, remove_stale_shards, sha256_of
+from pipelines.validation import DEFAULT_MAX_PIXELS, Reason
 
-MANIFEST_FORMAT = "mocha-webdataset-shards/1"
+MANIFEST_FORMAT = "mocha-webdataset-shards/2"
+
+__all__ = ["MANIFEST_NAME", "QUARANTINE_NAME", "MANIFEST_FORMAT", "ShardJobConfig", "ShardReport", "NoSamplesError",
+           "build_shards", "load_manifest"]
 
 
 class ShardJobConfig(StrictModel):
@@ -53,15 +59,16 @@ class ShardJobConfig(StrictModel):
     input: str = Field(description="LLaVA JSON list or JSON Lines file (local path or s3:// URL)")
     images: str = Field(description="folder the records' 'image' paths are relative to (local or s3://)")
     output: str = Field(description="output folder for shards, manifest and quarantine (local or s3://)")
-    samples_per_shard: int = Field(default=1000, gt=0)
+    samples_per_shard: int = Field(default=1000, gt=0, description="input records per chunk = most samples per shard")
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="width*height above which an image is quarantined")
-    batch_size: int = Field(default=64, gt=0, description="records per image-inspection batch")
-    concurrency: int | None = Field(default=None, gt=0, description="max parallel Ray tasks per stage; None = Ray decides")
-    chunk_records: int = Field(default=4096, gt=0, description="records per block the driver hands to Ray")
+    concurrency: int | None = Field(default=None, gt=0, description="shard tasks in flight; None = 2x the cluster's CPUs")
+    overwrite: bool = Field(default=False, description="replace an earlier run with different input in the output")
+    lock_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0, description="output lease goes stale after this long unrenewed")
+    lock_settle_s: float = Field(default=DEFAULT_SETTLE_S, ge=0, description="wait before reading the lease back")
 
 
-class InputChangedError(RuntimeError):
-    """An image's bytes changed between inspection and shard writing."""
+class NoSamplesError(RuntimeError):
+    """The input had no records, or none was accepted; the message has the counts."""
 
 
 @dataclass
@@ -73,6 +80,7 @@ class ShardReport:
     shards_written: int
     shards_reused: int
     stale_removed: list[str] = field(default_factory=list)
+    overwrote: bool = False
 
     def summary(self) -> str:
         m = self.manifest
@@ -91,219 +99,203 @@ def _quarantine_entry(index: int, sample_id: Any, reason: str, detail: str, imag
     return {"index": index, "id": sample_id, "reason": reason, "detail": detail, "image": image}
 
 
-def _record_field(value: Any, name: str) -> Any:
-    """A scalar field of a rejected record, for its quarantine line (None when unusable)."""
-    raw = value.get(name) if isinstance(value, dict) else None
-    return raw if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
+def _claimable_id(value: Any) -> str | None:
+    """The id a record claims (as check_record will read it), or None when it has no usable id
+    (such a record is rejected by its task and claims nothing)."""
+    raw = value.get("id") if isinstance(value, dict) else None
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)) or str(raw).strip() == "":
+        return None
+    return str(raw)
 
 
-class _RecordBlock:
-    """Columns of accepted records waiting to be handed to Ray as one block."""
-
-    COLUMNS = ("index", "key", "id", "image", "record")
-
-    def __init__(self) -> None:
-        self.columns: dict[str, list] = {c: [] for c in self.COLUMNS}
-
-    def __len__(self) -> int:
-        return len(self.columns["index"])
-
-    def append(self, **row: Any) -> None:
-        for c in self.COLUMNS:
-            self.columns[c].append(row[c])
-
-    def table(self) -> pa.Table:
-        return pa.table(self.columns)
+_PENDING, _FAILED = -1, -2  # id claim states; a claim >= 0 is the input index of the accepted copy
 
 
-def _inspect_images(batch: pa.Table, images: str, max_pixels: int) -> pa.Table:
-    """Stage 2 (Ray task): add ``reason``, ``detail``, ``sha256``, ``ext`` to each record row."""
-    verdicts: dict[str, list[str]] = {"reason": [], "detail": [], "sha256": [], "ext": []}
-    for image in batch.column("image").to_pylist():
-        reason = detail = digest = ext = ""
-        if image:
-            try:
-                data = storage.read_bytes(storage.join_url(images, image))
-                ext = inspect_image(data, max_pixels).extension
-                digest = hashlib.sha256(data).hexdigest()
-            except FileNotFoundError:
-                reason, detail = Reason.MISSING_IMAGE.value, f"no file {image!r} under the image root"
-            except Rejection as r:
-                reason, detail = r.reason.value, r.detail
-        for name, value in zip(verdicts, (reason, detail, digest, ext)):
-            verdicts[name].append(value)
-    for name, values in verdicts.items():
-        batch = batch.append_column(name, pa.array(values, pa.string()))
-    return batch
+class _Build:
+    """Driver state of one run: chunks in flight, id claims, quarantine, finished shards."""
 
-
-def _write_shards(batch: pa.Table, images: str, output: str, finished: dict[str, ShardInfo]) -> pa.Table:
-    """Stage 3 (Ray task): build (or verify and reuse) the shard of each plan row."""
-    rows = []
-    for shard_id, plan in zip(batch.column("shard_id").to_pylist(), batch.column("plan").to_pylist()):
-        name = shard_name(shard_id)
-        plan_sha256 = hashlib.sha256(plan).hexdigest()
-        info = completed_shard(output, name, plan_sha256, finished)
-        reused = info is not None
-        if info is None:
-            info = write_marker(output, _write_shard(storage.join_url(output, name), plan, images), plan_sha256)
-        rows.append({**asdict(info), "reused": reused})
-    return pa.Table.from_pylist(rows)
-
-
-def _write_shard(url: str, plan: bytes, images: str) -> ShardInfo:
-    with write_tar_shard(url) as shard:
-        for line in plan.splitlines():
-            item = json.loads(line)
-            shard.add(f"{item['key']}.json", item["record"].encode())
-            if item["image"]:
-                image_url = storage.join_url(images, item["image"])
-                data = storage.read_bytes(image_url)
-                if hashlib.sha256(data).hexdigest() != item["sha256"]:
-                    raise InputChangedError(f"{image_url} changed while the shards were being built; rerun the job")
-                shard.add(f"{item['key']}.{item['ext']}", data)
-    assert shard.info is not None
-    return shard.info
-
-
-class _ShardPlanner:
-    """Cuts the ordered stream of accepted samples into shard plans of exactly ``size`` samples."""
-
-    def __init__(self, size: int):
+    def __init__(self, cfg: ShardJobConfig, lock: OutputLock, bar):
         import ray
 
-        self._put = ray.put
-        self.size = size
-        self.lines: list[bytes] = []
-        self.blocks: list = []  # ObjectRefs of one-row tables {shard_id, plan}
-        self.samples = 0
-        self.fingerprint = hashlib.sha256()
+        self.ray, self.cfg, self.lock, self.bar = ray, cfg, lock, bar
+        self.task = ray.remote(build_shard).options(num_cpus=1)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # Two chunks per CPU in flight: a finished task's CPU gets the next chunk at once.
+        self.window = cfg.concurrency or 2 * max(1, cpus)
+        self.in_flight: dict[Any, int] = {}  # ObjectRef -> shard id
+        self.next_shard = 0
+        self.chunk: list[tuple[int, Any]] = []
+        self.claims: dict[str, int] = {}
+        self.deferred: list[tuple[int, Any, str]] = []  # later copies of claimed ids, input order
+        self.quarantine: list[dict[str, Any]] = []
+        self.results: dict[int, ShardResult] = {}
 
-    def add(self, row: dict[str, Any]) -> None:
-        item = {k: row[k] for k in ("key", "image", "sha256", "ext", "record")}
-        self.lines.append(json.dumps(item, sort_keys=True, ensure_ascii=False).encode())
-        self.fingerprint.update(f"{row['key']}\t{row['sha256']}\n".encode())
-        self.samples += 1
-        if len(self.lines) == self.size:
+    # -- main pass ------------------------------------------------------------------------------
+    def add(self, index: int, value: Any) -> None:
+        sample_id = _claimable_id(value)
+        if sample_id is not None:
+            if sample_id in self.claims:
+                self.deferred.append((index, value, sample_id))
+                return
+            self.claims[sample_id] = _PENDING
+        self.chunk.append((index, value))
+        if len(self.chunk) == self.cfg.samples_per_shard:
             self.flush()
 
     def flush(self) -> None:
-        if self.lines:
-            plan = b"\n".join(self.lines)
-            self.blocks.append(self._put(pa.table({"shard_id": [len(self.blocks)], "plan": [plan]})))
-            self.lines = []
+        if not self.chunk:
+            return
+        while len(self.in_flight) >= self.window:
+            self._collect()
+        ref = self.task.remote(self.next_shard, self.chunk, self.cfg.images, self.cfg.output, self.cfg.max_image_pixels)
+        self.in_flight[ref] = self.next_shard
+        self.next_shard += 1
+        self.chunk = []
+
+    def _collect(self) -> None:
+        """Wait for the next finished task and take in its verdicts."""
+        ready, _ = self.ray.wait(list(self.in_flight), num_returns=1)
+        for ref in ready:
+            self.in_flight.pop(ref)
+            self._record(self.ray.get(ref))
+        self.lock.check()
+
+    def _record(self, result: ShardResult) -> None:
+        self.results[result.shard_id] = result
+        for v in result.verdicts:
+            if v.reason:
+                self.quarantine.append(_quarantine_entry(v.index, v.id, v.reason, v.detail, v.image))
+                if v.id is not None and self.claims.get(v.id) == _PENDING:
+                    self.claims[v.id] = _FAILED
+            elif v.id is not None:
+                self.claims[v.id] = v.index
+        self.bar.set_postfix(shards=len(self.results), quarantined=len(self.quarantine), refresh=False)
+
+    def drain(self) -> None:
+        self.flush()
+        while self.in_flight:
+            self._collect()
+
+    # -- duplicates: the first good copy wins -------------------------------------------------------
+    def settle_duplicates(self) -> None:
+        """Quarantine later copies of accepted ids; try the next copy of ids whose copy failed."""
+        while self.deferred:
+            waiting, trying = [], set()
+            for index, value, sample_id in self.deferred:
+                claim = self.claims[sample_id]
+                if claim >= 0:
+                    self.quarantine.append(_quarantine_entry(
+                        index, sample_id, Reason.DUPLICATE_ID.value,
+                        f"id {sample_id!r} already accepted from input record {claim}", _image_field(value)))
+                elif claim == _FAILED and sample_id not in trying:
+                    trying.add(sample_id)
+                    self.claims[sample_id] = _PENDING
+                    self.chunk.append((index, value))
+                    if len(self.chunk) == self.cfg.samples_per_shard:
+                        self.flush()
+                else:
+                    waiting.append((index, value, sample_id))
+            self.drain()
+            self.deferred = waiting
 
 
-def _tasks(cfg: ShardJobConfig):
-    import ray.data
+def _image_field(value: Any) -> str | None:
+    image = value.get("image") if isinstance(value, dict) else None
+    return image if isinstance(image, str) else None
 
-    return ray.data.TaskPoolStrategy(size=cfg.concurrency)
+
+def _identity(cfg: ShardJobConfig, input_sha256: str) -> dict[str, Any]:
+    return {"format": MANIFEST_FORMAT, "input_sha256": input_sha256, "images": cfg.images,
+            "samples_per_shard": cfg.samples_per_shard, "max_image_pixels": cfg.max_image_pixels}
 
 
 def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
-    """Run the shard job (Ray must be initialized, see :func:`pipelines.ray_runtime.ensure_ray`)."""
-    import ray
+    """Run the shard job (Ray must be initialized, see :func:`pipelines.ray_runtime.ensure_ray`).
+
+    Raises :class:`~pipelines.output_lock.OutputLockedError` when another run holds the output,
+    :class:`~pipelines.shard_output.OutputNotEmptyError` when the output holds something else
+    (without ``overwrite``), :class:`~pipelines.records.InputFormatError` for an unusable input
+    file and :class:`NoSamplesError` (after writing ``quarantine.jsonl``) when nothing was accepted.
+    """
     from tqdm import tqdm
 
-    from pipelines.ray_runtime import ordered_execution
-
     start = time.perf_counter()
-    quarantine: list[dict[str, Any]] = []
-    planner = _ShardPlanner(cfg.samples_per_shard)
-    reader = InputReader(cfg.input)
+    if not storage.exists(cfg.input):
+        raise FileNotFoundError(f"input file not found: {cfg.input}")
+    input_sha256 = sha256_of(cfg.input)
+    with OutputLock(cfg.output, ttl_s=cfg.lock_ttl_s, settle_s=cfg.lock_settle_s) as lock:
+        overwrote = prepare_output(cfg.output, _identity(cfg, input_sha256), cfg.overwrite)
+        reader = InputReader(cfg.input)
+        num_records = 0
+        with tqdm(desc="records", unit="rec", disable=not progress) as bar:
+            build = _Build(cfg, lock, bar)
+            for rec in reader:
+                num_records += 1
+                bar.update()
+                if rec.error is not None:
+                    build.quarantine.append(_quarantine_entry(rec.index, None, rec.error.reason.value, rec.error.detail))
+                else:
+                    build.add(rec.index, rec.value)
+            build.drain()
+            build.settle_duplicates()
+        if reader.sha256 != input_sha256:
+            raise RuntimeError(f"{cfg.input} changed while it was being read; rerun the job")
+        return _finish(cfg, build, reader, num_records, lock, start, overwrote)
 
-    # Stage 1: stream and check records on the driver.
-    record_blocks, block, seen_ids, num_records = [], _RecordBlock(), set(), 0
-    with tqdm(desc="records", unit="rec", disable=not progress) as bar:
-        for rec in reader:
-            num_records += 1
-            bar.update()
-            if rec.error is not None:
-                quarantine.append(_quarantine_entry(rec.index, None, rec.error.reason.value, rec.error.detail))
-                continue
-            try:
-                checked = check_record(rec.value, seen_ids)
-            except Rejection as r:
-                quarantine.append(_quarantine_entry(rec.index, _record_field(rec.value, "id"), r.reason.value, r.detail,
-                                                    _record_field(rec.value, "image")))
-                continue
-            block.append(index=rec.index, key=sample_key(rec.index, checked.sample_id), id=checked.sample_id,
-                         image=checked.image or "", record=json.dumps(rec.value, ensure_ascii=False))
-            if len(block) >= cfg.chunk_records:
-                record_blocks.append(ray.put(block.table()))
-                block = _RecordBlock()
-    if len(block):
-        record_blocks.append(ray.put(block.table()))
-    candidates = num_records - len(quarantine)
 
-    with ordered_execution():
-        # Stage 2: inspect images in Ray tasks; plan shards from the ordered verdicts.
-        if record_blocks:
-            verdicts = ray.data.from_arrow_refs(record_blocks).map_batches(
-                _inspect_images, batch_format="pyarrow", batch_size=cfg.batch_size, compute=_tasks(cfg),
-                fn_kwargs={"images": cfg.images, "max_pixels": cfg.max_image_pixels})
-            with tqdm(total=candidates, desc="images", unit="img", disable=not progress) as bar:
-                for batch in verdicts.iter_batches(batch_format="pyarrow", batch_size=None):
-                    for row in batch.to_pylist():
-                        if row["reason"]:
-                            quarantine.append(_quarantine_entry(row["index"], row["id"], row["reason"], row["detail"],
-                                                                row["image"]))
-                        else:
-                            planner.add(row)
-                    bar.update(batch.num_rows)
-            del verdicts, record_blocks
-        planner.flush()
-
-        # Stage 3: write (or reuse) every shard.
-        shards: list[ShardInfo] = []
-        reused = 0
-        if planner.blocks:
-            written = ray.data.from_arrow_refs(planner.blocks).map_batches(
-                _write_shards, batch_format="pyarrow", batch_size=1, compute=_tasks(cfg),
-                fn_kwargs={"images": cfg.images, "output": cfg.output, "finished": finished_shards(cfg.output)})
-            with tqdm(total=len(planner.blocks), desc="shards", unit="shard", disable=not progress) as bar:
-                for row in written.iter_rows():
-                    shards.append(ShardInfo(name=row["name"], count=row["count"], size=row["size"], sha256=row["sha256"],
-                                            plan_sha256=row["plan_sha256"]))
-                    reused += bool(row["reused"])
-                    bar.update()
-    shards.sort(key=lambda s: s.name)
-    if len(shards) != len(planner.blocks) or sum(s.count for s in shards) != planner.samples:
-        raise RuntimeError(f"internal error: {len(shards)} shards for {len(planner.blocks)} plans")
-    if planner.samples + len(quarantine) != num_records:
-        raise RuntimeError(f"internal error: {planner.samples} accepted + {len(quarantine)} quarantined != {num_records} records")
-
-    stale = remove_stale_shards(cfg.output, keep=len(shards))
-    quarantine.sort(key=lambda q: q["index"])
+def _finish(cfg: ShardJobConfig, build: _Build, reader: InputReader, num_records: int, lock: OutputLock,
+            start: float, overwrote: bool) -> ShardReport:
+    results = [build.results[i] for i in sorted(build.results)]
+    shards = [ShardInfo(**r.shard) for r in results if r.shard is not None]
+    accepted = [v for r in results for v in r.verdicts if not v.reason]
+    quarantine = sorted(build.quarantine, key=lambda q: q["index"])
+    if len(accepted) + len(quarantine) != num_records or sum(s.count for s in shards) != len(accepted):
+        raise RuntimeError(f"internal error: {len(accepted)} accepted + {len(quarantine)} quarantined "
+                           f"!= {num_records} input records")
+    lock.check()
+    stale = remove_stale_shards(cfg.output, keep={s.name for s in shards})
+    for url in storage.list_files(storage.join_url(cfg.output, PROGRESS_DIR), suffix=".tar.json"):
+        name = storage.basename(url)[:-len(".json")]
+        stem = name[len("shard-"):-len(".tar")]
+        if stem.isdigit() and int(stem) >= build.next_shard:  # markers of chunks this input no longer has
+            storage.delete(marker_url(cfg.output, name))
     storage.write_bytes(storage.join_url(cfg.output, QUARANTINE_NAME),
                         b"".join(json.dumps(q, sort_keys=True, ensure_ascii=False).encode() + b"\n" for q in quarantine))
-    manifest = _manifest(cfg, reader, planner, shards, quarantine, num_records)
+    reasons = dict(sorted(Counter(q["reason"] for q in quarantine).items()))
+    if not accepted:
+        what = "the input has no records" if num_records == 0 else f"none of the {num_records} input records was accepted"
+        counts = ", ".join(f"{r}: {n}" for r, n in reasons.items())
+        raise NoSamplesError(f"{what} (0 accepted, {len(quarantine)} quarantined{': ' + counts if counts else ''}); "
+                             f"see {storage.join_url(cfg.output, QUARANTINE_NAME)}. No manifest was written.")
+    manifest = _manifest(cfg, reader, accepted, shards, quarantine, reasons, num_records)
+    lock.check()
     storage.write_bytes(storage.join_url(cfg.output, MANIFEST_NAME),
                         json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-    remove_markers(cfg.output)  # the manifest now records every shard and its plan
+    reused = sum(r.reused and r.shard is not None for r in results)
     return ShardReport(manifest=manifest, seconds=time.perf_counter() - start, shards_written=len(shards) - reused,
-                       shards_reused=reused, stale_removed=stale)
+                       shards_reused=reused, stale_removed=stale, overwrote=overwrote)
 
 
-def _manifest(cfg: ShardJobConfig, reader: InputReader, planner: _ShardPlanner, shards: list[ShardInfo],
-              quarantine: list[dict[str, Any]], num_records: int) -> dict[str, Any]:
-    """The manifest. ``fingerprint`` covers the input file's bytes and, in order, every
+def _manifest(cfg: ShardJobConfig, reader: InputReader, accepted: list[Verdict], shards: list[ShardInfo],
+              quarantine: list[dict[str, Any]], reasons: dict[str, int], num_records: int) -> dict[str, Any]:
+    """The manifest. ``fingerprint`` covers the input file's bytes and, in shard order, every
     accepted sample's key and image SHA-256: equal fingerprints mean equal inputs."""
-    fingerprint = hashlib.sha256(f"{reader.sha256}\n".encode() + planner.fingerprint.digest()).hexdigest()
-    reasons = Counter(q["reason"] for q in quarantine)
+    digest = hashlib.sha256(f"{reader.sha256}\n".encode())
+    for v in accepted:
+        digest.update(f"{v.key}\t{v.sha256}\n".encode())
     return {
         "format": MANIFEST_FORMAT,
         "input": {"url": cfg.input, "sha256": reader.sha256, "bytes": reader.nbytes},
         "images": cfg.images,
-        "fingerprint": fingerprint,
+        "fingerprint": digest.hexdigest(),
         "samples_per_shard": cfg.samples_per_shard,
         "max_image_pixels": cfg.max_image_pixels,
         "num_input_records": num_records,
-        "num_samples": planner.samples,
+        "num_samples": len(accepted),
         "num_quarantined": len(quarantine),
         "num_shards": len(shards),
         "total_bytes": sum(s.size for s in shards),
-        "quarantine": dict(sorted(reasons.items())),
+        "quarantine": reasons,
         "shards": [asdict(s) for s in shards],
     }
 

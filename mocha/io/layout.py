@@ -8,14 +8,15 @@ module in brackets writes; readers import the names from here, never spell them 
     <shards>/shard-000000.tar ...    WebDataset tars (one sample = <key>.json + <key>.<image suffix>)
     <shards>/manifest.json           written last: the set is complete only when it exists
     <shards>/quarantine.jsonl        every rejected input record with its reason
-    <shards>/_progress/              per-shard completion markers while a build runs (resume);
-                                     removed once manifest.json (which lists each shard's plan digest) is written
+    <shards>/_progress/              per-shard done-markers with every input record's verdict (resume);
+                                     kept after the build: a rerun reuses shards from them (the manifest
+                                     is removed first on every run, so it cannot be the record)
 
 **Feature set** (``mocha data features``; ``pipelines.features``)::
 
     <features>/features-000000.tar   one tar per source shard, same keys and order
     <features>/manifest.json         written last: encoders, shapes, source shard fingerprint
-    <features>/_progress/            likewise, only while the job runs
+    <features>/_progress/            per-shard markers, only while the job runs
 
 **Run directory** (``mocha train``; ``mocha.train``): ``<run.storage_path>/<run.name>/``::
 

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -79,6 +80,48 @@ def resolve_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     if "://" in url:
         raise ValueError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/key")
     return pafs.LocalFileSystem(), str(Path(url).expanduser().resolve())
+
+
+class OutsideRootError(OSError):
+    """A path under a root resolves (through symbolic links) to a file outside that root."""
+
+
+def _resolved_under_root(root: str, relative: str) -> str:
+    """The real path of local ``root/relative`` after following every link; raises
+    :class:`OutsideRootError` when it lands outside ``root``'s real path."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise OutsideRootError(f"{relative!r} resolves to {real}, outside the root {real_root}")
+    return real
+
+
+def read_under_root(root: str, relative: str) -> bytes:
+    """The bytes of ``relative`` inside folder ``root`` (local or ``s3://``), never of a file
+    outside it: local symbolic links (file or folder, anywhere on the path) are resolved first
+    and a target outside the root raises :class:`OutsideRootError`; the final open refuses to
+    follow a link swapped in after that check (``O_NOFOLLOW``). S3 has no links.
+
+    Raises ``FileNotFoundError``, ``IsADirectoryError``, ``PermissionError``, ``ValueError``
+    (a NUL byte) or another ``OSError`` (a name too long, ...) for the caller to classify."""
+    if is_s3(root):
+        url = join_url(root, relative)
+        fs, path = resolve_filesystem(url)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            raise IsADirectoryError(f"{url} is a folder")
+        return read_bytes(url)
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    real = _resolved_under_root(str(Path(root).expanduser()), relative)
+    # O_NONBLOCK: a FIFO among the images must not hang the job (no effect on regular files).
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{real} is a folder")
+        if not stat.S_ISREG(mode):
+            raise IsADirectoryError(f"{real} is not a regular file (device, FIFO or socket)")
+        return f.read()
 
 
 def exists(url: str) -> bool:

@@ -28,7 +28,6 @@ independently, so no sample is dropped at epoch ends. ``StepData.keys`` carries 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -164,12 +163,12 @@ def decode_row(row: dict[str, Any], tokenizer, template: str, max_length: int, n
             raise ValueError(f"sample {key!r}: feature shard has no features for encoders {missing}")
         ex.features = {k: feats[k] for k in encoder_kinds}
     else:
-        from PIL import Image
+        from mocha.images import decode_rgb
 
         blob = next((row[s] for s in IMAGE_SUFFIXES if row.get(s) is not None), None)
         if blob is None:
             raise ValueError(f"sample {key!r} names an image but its shard holds no image member")
-        ex.image = Image.open(io.BytesIO(blob)).convert("RGB")
+        ex.image = decode_rgb(blob)
     return ex
 
 

@@ -33,8 +33,21 @@ def check_inputs(job: JobConfig) -> None:
         url = storage.join_url(job.init.trainable_from, TRAINABLE_NAME)
         if not storage.exists(url):
             raise ConfigError(f"init.trainable_from: no {TRAINABLE_NAME} at {job.init.trainable_from}")
+    _check_tokenizer(job)
     if job.stage == 2 and not job.init.trainable_from:
         print("[mocha] warning: stage 2 without init.trainable_from starts the connectors from scratch")
+
+
+def _check_tokenizer(job: JobConfig) -> None:
+    """Load the tokenizer once on the driver, so a wrong path fails here and not in every worker."""
+    from mocha.text.tokenizer import load_tokenizer
+
+    path = job.tokenizer_path
+    try:
+        load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as e:
+        field = "tokenizer" if job.tokenizer else ("model.llm.tokenizer" if job.model.llm.tokenizer else "model.llm.pretrained")
+        raise ConfigError(f"{field}: cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
