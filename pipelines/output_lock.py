@@ -7,9 +7,11 @@ S3 has no rename and no portable create-if-absent, so the lock is a *lease objec
    refused with :class:`OutputLockedError` naming the holder. A lease written on this host by a
    process that no longer exists is stale at once (a killed run can be resumed immediately);
    any other lease goes stale ``ttl_s`` after its last renewal.
-2. Otherwise the run writes its own lease, waits ``settle_s`` and reads it back. S3 (and a
-   local rename) is last-writer-wins with read-after-write consistency, so when two runs race,
-   every one of them reads back the same winner; the others refuse.
+2. Otherwise, on S3, the run writes its own lease, waits ``settle_s`` and reads it back. S3 is
+   last-writer-wins with read-after-write consistency, so when two runs race, every one of them
+   reads back the same winner; the others refuse. On a local (or shared POSIX) filesystem the
+   lease is created atomically instead (``link``, which fails when the name exists; a stale
+   lease is first renamed aside, which only one racer can do), so no settle wait is needed.
 3. While the job runs a daemon thread renews the lease every ``ttl_s / 4``; before renewing it
    checks the lease is still its own, and if another run took it over (after this one stalled
    for longer than ``ttl_s``) the holder learns it from :meth:`OutputLock.check`.
@@ -92,8 +94,7 @@ class OutputLock:
         self._thread: threading.Thread | None = None
 
     def _write(self) -> None:
-        lease = Lease(self.run_id, socket.gethostname(), os.getpid(), time.time())
-        storage.write_bytes(self.url, json.dumps(asdict(lease), sort_keys=True).encode())
+        storage.write_bytes(self.url, self._payload())
 
     def _refuse_if_held(self) -> None:
         held = _read_lease(self.url)
@@ -104,11 +105,41 @@ class OutputLock:
                 f"`mocha data shard` is writing there. Wait for it to finish (a lease not renewed for "
                 f"{self.ttl_s:.0f} s is stale and taken over).")
 
+    def _payload(self) -> bytes:
+        lease = Lease(self.run_id, socket.gethostname(), os.getpid(), time.time())
+        return json.dumps(asdict(lease), sort_keys=True).encode()
+
+    def _acquire_local(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for _ in range(3):
+            tmp = f"{path}.{self.run_id}.new"
+            with open(tmp, "wb") as f:
+                f.write(self._payload())
+            try:
+                os.link(tmp, path)  # atomic: fails if a lease exists
+                return
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            self._refuse_if_held()  # fresh and foreign: refused; else stale: take it over
+            aside = f"{path}.{self.run_id}.stale"
+            try:
+                os.rename(path, aside)  # only one of several racers moves the stale lease
+                os.unlink(aside)
+            except FileNotFoundError:
+                pass
+        raise OutputLockedError(f"lost the race for {self.url} to another run; rerun when it has finished")
+
     def acquire(self) -> "OutputLock":
         self._refuse_if_held()
-        self._write()
-        time.sleep(self.settle_s)
-        self._refuse_if_held()  # a racing run that wrote after us won; we back off
+        _, path = storage.resolve_filesystem(self.url)
+        if storage.is_s3(self.url):
+            self._write()
+            time.sleep(self.settle_s)
+            self._refuse_if_held()  # a racing run that wrote after us won; we back off
+        else:
+            self._acquire_local(path)
         winner = _read_lease(self.url)
         if winner is None or winner.run_id != self.run_id:
             raise OutputLockedError(f"lost the race for {self.url} to another run; rerun when it has finished")

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mocha.io import storage
+from mocha.io.storage import RootReader
 from pipelines.tar_shards import ShardInfo, marker_url, sha256_of, shard_name, write_tar_shard
 from pipelines.validation import Rejection, check_record, inspect_image, read_image, sample_key
 
@@ -67,7 +68,7 @@ def record_bytes(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-def _check(index: int, value: Any, images: str, max_pixels: int) -> tuple[Verdict, str, bytes | None]:
+def _check(index: int, value: Any, images: RootReader, max_pixels: int) -> tuple[Verdict, str, bytes | None]:
     """(verdict, image extension, image bytes) of one record; bytes only when accepted."""
     sample_id, image = _scalar(value, "id"), _scalar(value, "image")
     verdict = Verdict(index=index, id=None if sample_id is None else str(sample_id),
@@ -86,7 +87,7 @@ def _check(index: int, value: Any, images: str, max_pixels: int) -> tuple[Verdic
         return verdict, "", None
 
 
-def _reusable(output: str, name: str, plan_sha256: str, rows: list[tuple[int, Any]], images: str,
+def _reusable(output: str, name: str, plan_sha256: str, rows: list[tuple[int, Any]], images: RootReader,
               max_pixels: int) -> ShardResult | None:
     url = marker_url(output, name)
     try:
@@ -124,14 +125,15 @@ def build_shard(shard_id: int, rows: list[tuple[int, Any]], images: str, output:
     """Check ``rows`` and write (or verify and reuse) shard ``shard_id`` (runs as a Ray task)."""
     name = shard_name(shard_id)
     plan_sha256 = plan_digest(rows, images, max_pixels)
-    reused = _reusable(output, name, plan_sha256, rows, images, max_pixels)
+    reader = RootReader(images)  # one per task: folder real paths are cached for this chunk only
+    reused = _reusable(output, name, plan_sha256, rows, reader, max_pixels)
     if reused is not None and reused.shard_id == shard_id:
         return reused
     url = storage.join_url(output, name)
     verdicts: list[Verdict] = []
     with write_tar_shard(url) as tar:
         for index, value in rows:
-            verdict, ext, data = _check(index, value, images, max_pixels)
+            verdict, ext, data = _check(index, value, reader, max_pixels)
             verdicts.append(verdict)
             if verdict.reason:
                 continue
@@ -146,6 +148,6 @@ def build_shard(shard_id: int, rows: list[tuple[int, Any]], images: str, output:
     shard = None if info is None else asdict(replace(info, plan_sha256=plan_sha256))
     result = ShardResult(shard_id=shard_id, shard=shard, verdicts=verdicts)
     marker = {"version": MARKER_VERSION, "plan_sha256": plan_sha256, "shard_id": shard_id, "shard": result.shard,
-              "verdicts": [asdict(v) for v in verdicts]}
+              "verdicts": [vars(v) for v in verdicts]}
     storage.write_bytes(marker_url(output, name), json.dumps(marker, sort_keys=True, ensure_ascii=False).encode())
     return result

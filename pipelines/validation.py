@@ -17,9 +17,12 @@ import errno
 import io
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from mocha.io.storage import RootReader
 
 from mocha.text.conversation import GPT, HUMAN, ConversationError, count_image_tokens, validate_conversation
 
@@ -219,14 +222,15 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
     return ImageInfo(extension=IMAGE_EXTENSIONS[fmt], width=width, height=height)
 
 
-def read_image(images: str, relative: str) -> bytes:
+def read_image(images: "str | RootReader", relative: str) -> bytes:
     """The bytes of a record's image under the image root; every way the path can fail becomes
     a :class:`Rejection` (never an exception that would abort the job): missing, a link out of
     the root, a folder or other non-file, a name the filesystem refuses, no permission."""
     from mocha.io import storage
 
+    reader = storage.RootReader(images) if isinstance(images, str) else images
     try:
-        return storage.read_under_root(images, relative)
+        return reader.read(relative)
     except storage.OutsideRootError as e:
         raise Rejection(Reason.OUTSIDE_ROOT, str(e)) from None
     except FileNotFoundError:

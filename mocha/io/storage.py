@@ -15,6 +15,7 @@ its upload completes), so a crash mid-write leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -86,42 +87,75 @@ class OutsideRootError(OSError):
     """A path under a root resolves (through symbolic links) to a file outside that root."""
 
 
-def _resolved_under_root(root: str, relative: str) -> str:
-    """The real path of local ``root/relative`` after following every link; raises
-    :class:`OutsideRootError` when it lands outside ``root``'s real path."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, relative))
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise OutsideRootError(f"{relative!r} resolves to {real}, outside the root {real_root}")
-    return real
+class RootReader:
+    """Reads files by path relative to one root folder (local or ``s3://``), never a file outside
+    it: local symbolic links -- to a file or a folder, anywhere on the path -- are resolved and
+    a target outside the root's real path raises :class:`OutsideRootError`. S3 has no links.
+
+    Fast path: the real path of each folder is resolved once per reader (keep a reader for one
+    batch of work, not for the life of a process), and the file itself is opened with
+    ``O_NOFOLLOW``, so a link in the last component fails the open and takes the slow path
+    (full resolution). ``O_NONBLOCK`` keeps a FIFO among the files from hanging the reader.
+
+    :meth:`read` raises ``FileNotFoundError``, ``IsADirectoryError`` (a folder, FIFO, device),
+    ``PermissionError``, ``ValueError`` (a NUL byte) or another ``OSError`` (a name too long,
+    a link loop) for the caller to classify."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.s3 = is_s3(root)
+        if not self.s3:
+            local = root[len("file://"):] if root.startswith("file://") else root
+            self.real_root = os.path.realpath(str(Path(local).expanduser()))
+        self._dirs: dict[str, str] = {}
+
+    def _inside(self, real: str, relative: str) -> str:
+        if real != self.real_root and not real.startswith(self.real_root.rstrip("/") + "/"):
+            raise OutsideRootError(f"{relative!r} resolves to {real}, outside the root {self.real_root}")
+        return real
+
+    def _real_dir(self, folder: str, relative: str) -> str:
+        real = self._dirs.get(folder)
+        if real is None:
+            real = self._inside(os.path.realpath(os.path.join(self.real_root, folder)), relative)
+            self._dirs[folder] = real
+        return real
+
+    def read(self, relative: str) -> bytes:
+        if self.s3:
+            url = join_url(self.root, relative)
+            try:
+                return read_bytes(url)
+            except OSError:
+                fs, path = resolve_filesystem(url)
+                if fs.get_file_info(path).type == pafs.FileType.Directory:
+                    raise IsADirectoryError(f"{url} is a folder (a key prefix)") from None
+                raise
+        if "\x00" in relative:
+            raise ValueError("embedded null byte")
+        folder, _, name = relative.replace("\\", "/").rpartition("/")
+        path = os.path.join(self._real_dir(folder, relative), name)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            # The last component is a link: follow it, then it must still land inside the root.
+            path = self._inside(os.path.realpath(path), relative)
+            fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(f"{path} is a folder")
+            if not stat.S_ISREG(mode):
+                raise IsADirectoryError(f"{path} is not a regular file (device, FIFO or socket)")
+            return f.read()
 
 
 def read_under_root(root: str, relative: str) -> bytes:
-    """The bytes of ``relative`` inside folder ``root`` (local or ``s3://``), never of a file
-    outside it: local symbolic links (file or folder, anywhere on the path) are resolved first
-    and a target outside the root raises :class:`OutsideRootError`; the final open refuses to
-    follow a link swapped in after that check (``O_NOFOLLOW``). S3 has no links.
-
-    Raises ``FileNotFoundError``, ``IsADirectoryError``, ``PermissionError``, ``ValueError``
-    (a NUL byte) or another ``OSError`` (a name too long, ...) for the caller to classify."""
-    if is_s3(root):
-        url = join_url(root, relative)
-        fs, path = resolve_filesystem(url)
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            raise IsADirectoryError(f"{url} is a folder")
-        return read_bytes(url)
-    if root.startswith("file://"):
-        root = root[len("file://"):]
-    real = _resolved_under_root(str(Path(root).expanduser()), relative)
-    # O_NONBLOCK: a FIFO among the images must not hang the job (no effect on regular files).
-    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(f"{real} is a folder")
-        if not stat.S_ISREG(mode):
-            raise IsADirectoryError(f"{real} is not a regular file (device, FIFO or socket)")
-        return f.read()
+    """``RootReader(root).read(relative)``: one file, never from outside ``root``."""
+    return RootReader(root).read(relative)
 
 
 def exists(url: str) -> bool:

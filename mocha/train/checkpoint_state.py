@@ -63,7 +63,7 @@ def parse_checkpoint_state(path_or_text: str | Path, source: str | None = None,
     """Validate a ``state.json`` given as a path or as its text; ``source`` names it in errors
     (default: the path). Raises :class:`~mocha.config.ConfigError` naming the file and every bad
     field; a missing file raises ``FileNotFoundError``."""
-    if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and not path_or_text.lstrip().startswith("{")):
+    if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and not path_or_text.lstrip().startswith(("{", "["))):
         path = Path(path_or_text)
         source = source or str(path)
         if not path.is_file():

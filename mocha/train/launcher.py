@@ -23,12 +23,15 @@ class RunResult:
     export_dir: str | None
 
 
-def check_inputs(job: JobConfig) -> None:
-    """Fail before any worker starts when the data or the init weights are missing/incompatible."""
-    from mocha.train.shards import load_shard_refs
+def check_inputs(job: JobConfig, verify_checksums: bool = False) -> None:
+    """Fail before any worker starts when the data, the tokenizer or the init weights are
+    missing/incompatible. Every shard's size is compared with the manifest; with
+    ``verify_checksums`` (``mocha train --check``) its SHA-256 too."""
+    from mocha.train.shards import load_shard_refs, verify_shard_files
     from mocha.io import storage
 
     load_shard_refs(job.data.shards, job.data.features, job.model)  # raises on missing / mismatched data
+    verify_shard_files(job.data.shards, checksums=verify_checksums)
     if job.init.trainable_from:
         url = storage.join_url(job.init.trainable_from, TRAINABLE_NAME)
         if not storage.exists(url):
