@@ -13,6 +13,7 @@ a crash: finished shards are verified and kept). The driver connects to RAY_ADDR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from pipelines.validation import DEFAULT_MAX_PIXELS, Reason
@@ -31,14 +32,15 @@ def _add_shard_parser(sub) -> None:
         "shard", help="LLaVA JSON + images -> WebDataset shards with manifest and quarantine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Convert a LLaVA-style dataset into WebDataset tar shards shard-000000.tar, ... holding exactly\n"
-            "--samples-per-shard samples each (the last may hold fewer). Members: {key}.json (the record,\n"
+            "Convert a LLaVA-style dataset into WebDataset tar shards shard-000000.tar, ... in one pass (each\n"
+            "Ray task checks a chunk of records and images and writes them). Members: {key}.json (the record,\n"
             "original id included) and {key}.jpg|png|webp (the original image bytes, never re-encoded);\n"
             "keys are <input position>-<sanitized id>. Rejected records are written to quarantine.jsonl with\n"
             "their reason; accepted + quarantined = input records. manifest.json lists every shard's\n"
             "sample count, size and SHA-256, the totals, the input fingerprint and quarantine counts.\n"
             "Each shard holds the accepted samples of --samples-per-shard consecutive input records, so at\n"
-            "most that many. The first *good* copy of a duplicated id wins; the other copies are quarantined.\n\n"
+            "most that many (numbers of all-rejected chunks are skipped). The first *good* copy of a\n"
+            "duplicated id wins; the other copies are quarantined.\n\n"
             "Input file: UTF-8 (a byte-order mark is fine). UTF-16/32 text, a top-level JSON object\n"
             "(instead of a list or one record per line) or a broken JSON list is refused with a clear\n"
             "error (exit 2). An empty input, or one where no record is accepted, exits 3 with the counts\n"
@@ -114,7 +116,8 @@ def _run_shard(args: argparse.Namespace) -> int:
     from mocha.config import parse_model
     from mocha.io import storage
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.shard import ShardJobConfig, build_shards
+    from pipelines.records import InputReader
+    from pipelines.shard import NoSamplesError, ShardJobConfig, build_shards
 
     cfg = parse_model(ShardJobConfig, {
         "input": args.input, "images": args.images, "output": args.output,
@@ -123,6 +126,9 @@ def _run_shard(args: argparse.Namespace) -> int:
     }, "mocha data shard options")
     if not storage.exists(cfg.input):  # fail before starting Ray
         raise FileNotFoundError(f"input file not found: {cfg.input}")
+    with contextlib.closing(iter(InputReader(cfg.input))) as records:  # encoding and layout, before Ray
+        if next(records, None) is None:
+            raise NoSamplesError(f"the input has no records (0 accepted, 0 quarantined): {cfg.input}")
     ensure_ray(args.ray_address, args.num_cpus)
     report = build_shards(cfg, progress=not args.no_progress)
     print(report.summary())

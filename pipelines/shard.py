@@ -171,6 +171,15 @@ class _Build:
                 self.claims[v.id] = v.index
         self.bar.set_postfix(shards=len(self.results), quarantined=len(self.quarantine), refresh=False)
 
+    def abort(self) -> None:
+        """Stop this run's tasks (on an error) so none writes after the lock is released."""
+        refs = list(self.in_flight)
+        for ref in refs:
+            self.ray.cancel(ref, force=True)
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), timeout=60)
+        self.in_flight.clear()
+
     def drain(self) -> None:
         self.flush()
         while self.in_flight:
@@ -229,15 +238,20 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
         num_records = 0
         with tqdm(desc="records", unit="rec", disable=not progress) as bar:
             build = _Build(cfg, lock, bar)
-            for rec in reader:
-                num_records += 1
-                bar.update()
-                if rec.error is not None:
-                    build.quarantine.append(_quarantine_entry(rec.index, None, rec.error.reason.value, rec.error.detail))
-                else:
-                    build.add(rec.index, rec.value)
-            build.drain()
-            build.settle_duplicates()
+            try:
+                for rec in reader:
+                    num_records += 1
+                    bar.update()
+                    if rec.error is not None:
+                        build.quarantine.append(_quarantine_entry(rec.index, None, rec.error.reason.value,
+                                                                  rec.error.detail))
+                    else:
+                        build.add(rec.index, rec.value)
+                build.drain()
+                build.settle_duplicates()
+            except BaseException:
+                build.abort()
+                raise
         if reader.sha256 != input_sha256:
             raise RuntimeError(f"{cfg.input} changed while it was being read; rerun the job")
         return _finish(cfg, build, reader, num_records, lock, start, overwrote)

@@ -236,7 +236,7 @@ def read_image(images: "str | RootReader", relative: str) -> bytes:
     except FileNotFoundError:
         raise Rejection(Reason.MISSING_IMAGE, f"no file {relative!r} under the image root") from None
     except (IsADirectoryError, NotADirectoryError) as e:
-        raise Rejection(Reason.NOT_A_FILE, f"{relative!r} is not a regular file: {e}") from None
+        raise Rejection(Reason.NOT_A_FILE, f"{relative!r} is not a regular file ({e.strerror or e})") from None
     except PermissionError as e:
         raise Rejection(Reason.UNREADABLE_FILE, f"{relative!r}: permission denied ({e.strerror or e})") from None
     except ValueError as e:  # "embedded null byte" and other names the OS cannot take

@@ -149,6 +149,7 @@ def _bad_records(rng: random.Random, add_image, images: Path, jsonl_faults: bool
     (images / "link_out.png").symlink_to(outside / "secret.png")
     (images / "linked_dir").symlink_to(outside, target_is_directory=True)
     (images / "a_folder.png").mkdir()
+    (images / "a_folder.png" / "inner.txt").write_text("a folder named like an image (an S3 key prefix once uploaded)")
     (images / "inside_link.png").symlink_to(images / "ok1.png")  # a link that stays inside: fine
     jpg = encode_image(rng, "JPEG", (32, 32))
     gif = io.BytesIO()

@@ -144,12 +144,16 @@ class RootReader:
             # The last component is a link: follow it, then it must still land inside the root.
             path = self._inside(os.path.realpath(path), relative)
             fd = os.open(path, flags)
-        with os.fdopen(fd, "rb") as f:
+        try:
             mode = os.fstat(fd).st_mode
             if stat.S_ISDIR(mode):
-                raise IsADirectoryError(f"{path} is a folder")
+                raise IsADirectoryError(f"{relative} is a folder")
             if not stat.S_ISREG(mode):
-                raise IsADirectoryError(f"{path} is not a regular file (device, FIFO or socket)")
+                raise IsADirectoryError(f"{relative} is not a regular file (device, FIFO or socket)")
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as f:
             return f.read()
 
 
