@@ -197,7 +197,7 @@ class _MotoServer:
         return self
 
     def upload(self, local: Path, prefix: str) -> str:
-        from pipelines import storage
+        from mocha.io import storage
 
         for path in sorted(local.rglob("*")):
             if path.is_file():

@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mocha.io import storage
+from mocha.io.layout import OUTPUT_LOCK_NAME
 
-LOCK_NAME = "_lock.json"
+LOCK_NAME = OUTPUT_LOCK_NAME
 DEFAULT_TTL_S = 60.0
 DEFAULT_SETTLE_S = 1.0
 

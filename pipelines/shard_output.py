@@ -20,11 +20,11 @@ import json
 from typing import Any
 
 from mocha.io import storage
-from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR, QUARANTINE_NAME
+from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR, QUARANTINE_NAME, SHARD_JOB_NAME
 from pipelines.output_lock import LOCK_NAME
 from pipelines.tar_shards import is_shard_name
 
-JOB_NAME = "job.json"  # inside PROGRESS_DIR: the identity of the run that owns the folder
+JOB_NAME = SHARD_JOB_NAME  # inside PROGRESS_DIR: the identity of the run that owns the folder
 
 
 class OutputNotEmptyError(RuntimeError):

@@ -11,6 +11,8 @@ module in brackets writes; readers import the names from here, never spell them 
     <shards>/_progress/              per-shard done-markers with every input record's verdict (resume);
                                      kept after the build: a rerun reuses shards from them (the manifest
                                      is removed first on every run, so it cannot be the record)
+    <shards>/_progress/job.json      the identity (input SHA-256, options) of the run that owns the folder
+    <shards>/_lock.json              the lease of the run writing the folder (deleted when it ends)
 
 **Feature set** (``mocha data features``; ``pipelines.features``)::
 
@@ -63,6 +65,8 @@ from __future__ import annotations
 MANIFEST_NAME = "manifest.json"
 QUARANTINE_NAME = "quarantine.jsonl"
 PROGRESS_DIR = "_progress"
+SHARD_JOB_NAME = "job.json"  # inside PROGRESS_DIR
+OUTPUT_LOCK_NAME = "_lock.json"
 
 # -- run directory --------------------------------------------------------------------------------
 METRICS_NAME = "metrics.jsonl"

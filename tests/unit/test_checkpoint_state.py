@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mocha.config import ConfigError
-from mocha.train.checkpoint import read_checkpoint_state
+from mocha.train.checkpoint import FORMAT_VERSION, read_checkpoint_state
 from mocha.train.checkpoint_state import parse_checkpoint_state
 from mocha.train.job import load_job
 from mocha.train.launcher import check_inputs
@@ -22,7 +22,7 @@ from tests.unit.test_job_and_data_plan import ROOT
 def _state() -> dict:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"format_version": 1, "world_size": 2, "global_steps": 30, "global_samples": 240, "skipped_steps": 0,
+    return {"format_version": FORMAT_VERSION, "world_size": 2, "global_steps": 30, "global_samples": 240, "skipped_steps": 0,
             "optimizer": {"step": 30, "lr": 2e-5}, "scheduler": {"last_epoch": 30},
             "rng": [{"python": [version, list(internal), gauss],
                      "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}] * 2,
@@ -31,7 +31,7 @@ def _state() -> dict:
 
 def test_a_saved_state_round_trips(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(_state(), indent=1))
-    state = read_checkpoint_state(tmp_path)
+    state = read_checkpoint_state(str(tmp_path))
     assert state["global_steps"] == 30 and state["optimizer"]["lr"] == 2e-5 and state["extra_state"]["consumed"] == 240
     version, internal, gauss = state["rng"][1]["python"]
     random.setstate((version, tuple(internal), gauss))  # the values still restore a generator
@@ -56,18 +56,18 @@ def test_bad_state_fails_naming_file_and_field(tmp_path, mutate, field):
     path.parent.mkdir()
     path.write_text(json.dumps(state))  # Python's json writes NaN / Infinity literals
     with pytest.raises(ConfigError) as err:
-        read_checkpoint_state(path.parent)
+        read_checkpoint_state(str(path.parent))
     assert str(path) in str(err.value) and field in str(err.value)
 
 
 def test_damaged_or_missing_state(tmp_path):
     (tmp_path / "state.json").write_text('{"format_version": 1, "world_')
     with pytest.raises(ConfigError, match="not valid JSON"):
-        read_checkpoint_state(tmp_path)
+        read_checkpoint_state(str(tmp_path))
     with pytest.raises(ConfigError, match="top level must be an object"):
-        parse_checkpoint_state("[1, 2]", "x/state.json")
+        parse_checkpoint_state("[1, 2]", "x/state.json", expected_version=FORMAT_VERSION)
     with pytest.raises(FileNotFoundError, match="no state.json"):
-        read_checkpoint_state(tmp_path / "nope")
+        read_checkpoint_state(str(tmp_path / "nope"))
 
 
 def test_missing_tokenizer_fails_before_any_worker_starts(tmp_path):
