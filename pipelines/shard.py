@@ -42,9 +42,9 @@ from mocha.io import storage
 from pipelines.output_lock import DEFAULT_SETTLE_S, DEFAULT_TTL_S, OutputLock
 from pipelines.records import InputReader
 from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR, QUARANTINE_NAME
-from pipelines.shard_output import prepare_output
-from pipelines.shard_task import ShardResult, Verdict, build_shard
-from pipelines.tar_shards import ShardInfo, marker_url, remove_stale_shards, sha256_of
+from pipelines.shard_output import prepare_output, read_identity
+from pipelines.shard_task import FinishedShard, ShardResult, Verdict, build_shard
+from pipelines.tar_shards import ShardInfo, marker_url, remove_markers, remove_stale_shards, sha256_of, shard_name
 from pipelines.validation import DEFAULT_MAX_PIXELS, Reason
 
 MANIFEST_FORMAT = "mocha-webdataset-shards/2"
@@ -114,7 +114,8 @@ _PENDING, _FAILED = -1, -2  # id claim states; a claim >= 0 is the input index o
 class _Build:
     """Driver state of one run: chunks in flight, id claims, quarantine, finished shards."""
 
-    def __init__(self, cfg: ShardJobConfig, lock: OutputLock, bar):
+    def __init__(self, cfg: ShardJobConfig, lock: OutputLock, bar,
+                 finished: tuple[dict[str, dict], dict[int, dict]] | None = None):
         import ray
 
         self.ray, self.cfg, self.lock, self.bar = ray, cfg, lock, bar
@@ -129,6 +130,7 @@ class _Build:
         self.deferred: list[tuple[int, Any, str]] = []  # later copies of claimed ids, input order
         self.quarantine: list[dict[str, Any]] = []
         self.results: dict[int, ShardResult] = {}
+        self.finished = finished  # (manifest shards by name, quarantine by index) of a finished same job
 
     # -- main pass ------------------------------------------------------------------------------
     def add(self, index: int, value: Any) -> None:
@@ -147,7 +149,13 @@ class _Build:
             return
         while len(self.in_flight) >= self.window:
             self._collect()
-        ref = self.task.remote(self.next_shard, self.chunk, self.cfg.images, self.cfg.output, self.cfg.max_image_pixels)
+        hint = None
+        if self.finished is not None:
+            shards, rejected = self.finished
+            hint = FinishedShard(shard=shards.get(shard_name(self.next_shard)),
+                                 rejected={i: rejected[i] for i, _ in self.chunk if i in rejected})
+        ref = self.task.remote(self.next_shard, self.chunk, self.cfg.images, self.cfg.output, self.cfg.max_image_pixels,
+                               hint)
         self.in_flight[ref] = self.next_shard
         self.next_shard += 1
         self.chunk = []
@@ -213,6 +221,18 @@ def _image_field(value: Any) -> str | None:
     return image if isinstance(image, str) else None
 
 
+def _finished_build(output: str) -> tuple[dict[str, dict], dict[int, dict]] | None:
+    """The shards and quarantine lines of a finished build in ``output`` (read before its
+    manifest is removed), so that a rerun reuses its shards although its markers are gone."""
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join_url(output, MANIFEST_NAME)))
+        lines = storage.read_bytes(storage.join_url(output, QUARANTINE_NAME)).splitlines()
+        rejected = {int(q["index"]): q for q in map(json.loads, lines) if q.get("index") is not None}
+        return {s["name"]: s for s in manifest["shards"]}, rejected
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _identity(cfg: ShardJobConfig, input_sha256: str) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "input_sha256": input_sha256, "images": cfg.images,
             "samples_per_shard": cfg.samples_per_shard, "max_image_pixels": cfg.max_image_pixels}
@@ -233,11 +253,13 @@ def build_shards(cfg: ShardJobConfig, progress: bool = True) -> ShardReport:
         raise FileNotFoundError(f"input file not found: {cfg.input}")
     input_sha256 = sha256_of(cfg.input)
     with OutputLock(cfg.output, ttl_s=cfg.lock_ttl_s, settle_s=cfg.lock_settle_s) as lock:
-        overwrote = prepare_output(cfg.output, _identity(cfg, input_sha256), cfg.overwrite)
+        identity = _identity(cfg, input_sha256)
+        finished = _finished_build(cfg.output) if read_identity(cfg.output) == identity else None
+        overwrote = prepare_output(cfg.output, identity, cfg.overwrite)
         reader = InputReader(cfg.input)
         num_records = 0
         with tqdm(desc="records", unit="rec", disable=not progress) as bar:
-            build = _Build(cfg, lock, bar)
+            build = _Build(cfg, lock, bar, finished)
             try:
                 for rec in reader:
                     num_records += 1
@@ -285,6 +307,7 @@ def _finish(cfg: ShardJobConfig, build: _Build, reader: InputReader, num_records
     lock.check()
     storage.write_bytes(storage.join_url(cfg.output, MANIFEST_NAME),
                         json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    remove_markers(cfg.output)  # the manifest and quarantine now record every shard and verdict
     reused = sum(r.reused and r.shard is not None for r in results)
     return ShardReport(manifest=manifest, seconds=time.perf_counter() - start, shards_written=len(shards) - reused,
                        shards_reused=reused, stale_removed=stale, overwrote=overwrote)

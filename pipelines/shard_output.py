@@ -35,7 +35,7 @@ def job_url(output: str) -> str:
     return storage.join_url(output, PROGRESS_DIR, JOB_NAME)
 
 
-def _read_identity(output: str) -> dict[str, Any] | None:
+def read_identity(output: str) -> dict[str, Any] | None:
     """The identity in ``_progress/job.json``, or else the one a finished manifest records."""
     try:
         value = json.loads(storage.read_bytes(job_url(output)))
@@ -69,7 +69,7 @@ def _describe_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str
 def prepare_output(output: str, identity: dict[str, Any], overwrite: bool) -> bool:
     """Make ``output`` ready for a run of ``identity`` (the caller holds the output lock);
     returns whether an earlier run's files were deleted (``overwrite``)."""
-    previous = _read_identity(output)
+    previous = read_identity(output)
     foreign = [u for u in storage.list_files(output) if storage.basename(u) != LOCK_NAME]
     occupied = bool(foreign) or bool(storage.list_files(storage.join_url(output, PROGRESS_DIR)))
     cleared = False

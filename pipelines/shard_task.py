@@ -23,7 +23,7 @@ from typing import Any
 
 from mocha.io import storage
 from mocha.io.storage import RootReader
-from pipelines.tar_shards import ShardInfo, marker_url, sha256_of, shard_name, write_tar_shard
+from pipelines.tar_shards import ShardInfo, iter_tar_members, marker_url, sha256_of, shard_name, write_tar_shard
 from pipelines.validation import Rejection, check_record, inspect_image, read_image, sample_key
 
 MARKER_VERSION = 2
@@ -57,8 +57,10 @@ def _scalar(value: Any, name: str) -> Any:
     return raw if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
 
 
-def plan_digest(rows: list[tuple[int, Any]], images: str, max_pixels: int) -> str:
-    payload = json.dumps({"images": images, "max_pixels": max_pixels, "rows": rows}, sort_keys=True,
+def plan_digest(rows: list[tuple[int, Any]], max_pixels: int) -> str:
+    """Digest of a chunk: its records and the pixel limit. The image root is not in it (the same
+    data read from a local copy or from S3 gives the same plan); reuse re-reads the images."""
+    payload = json.dumps({"max_pixels": max_pixels, "rows": rows}, sort_keys=True,
                          ensure_ascii=False, allow_nan=True)
     return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -121,12 +123,79 @@ def _reusable(output: str, name: str, plan_sha256: str, rows: list[tuple[int, An
     return ShardResult(shard_id=int(marker["shard_id"]), shard=shard, verdicts=verdicts, reused=True)
 
 
-def build_shard(shard_id: int, rows: list[tuple[int, Any]], images: str, output: str, max_pixels: int) -> ShardResult:
-    """Check ``rows`` and write (or verify and reuse) shard ``shard_id`` (runs as a Ray task)."""
+@dataclass
+class FinishedShard:
+    """What a finished earlier build of the same job recorded about one chunk: its manifest
+    entry (None when it had no shard) and its rows' quarantine lines by input index."""
+
+    shard: dict[str, Any] | None
+    rejected: dict[int, dict[str, Any]]
+
+
+def _reusable_from_manifest(output: str, shard_id: int, plan_sha256: str, rows: list[tuple[int, Any]],
+                            reader: RootReader, max_pixels: int, finished: FinishedShard) -> ShardResult | None:
+    """Reuse a shard of a finished build (whose markers are gone): the manifest entry names
+    this plan, the tar has its recorded size and SHA-256, every record the earlier build
+    quarantined is rejected again for the same reason, and every other record is in the tar
+    with the same json bytes and the image bytes now under the root."""
+    shard = finished.shard
+    if shard is None or shard.get("plan_sha256") != plan_sha256:
+        return None
+    url = storage.join_url(output, shard_name(shard_id))
+    if storage.file_size(url) != shard["size"] or sha256_of(url) != shard["sha256"]:
+        return None
+    members = {name: hashlib.sha256(data).hexdigest() for name, data in iter_tar_members(url)}
+    verdicts = []
+    for index, value in rows:
+        verdict, _, data = _check_cheaply(index, value, reader, max_pixels, index in finished.rejected)
+        if verdict is None:
+            return None
+        if index in finished.rejected:
+            if verdict.reason != finished.rejected[index]["reason"]:
+                return None
+        elif verdict.reason or members.get(f"{verdict.key}.json") != hashlib.sha256(record_bytes(value)).hexdigest():
+            return None
+        elif data is not None:
+            image = [n for n in members if n.startswith(f"{verdict.key}.") and n != f"{verdict.key}.json"]
+            if len(image) != 1 or members[image[0]] != verdict.sha256:
+                return None
+        verdicts.append(verdict)
+    if sum(not v.reason for v in verdicts) != shard["count"]:
+        return None
+    return ShardResult(shard_id=shard_id, shard=shard, verdicts=verdicts, reused=True)
+
+
+def _check_cheaply(index: int, value: Any, reader: RootReader, max_pixels: int,
+                   full: bool) -> tuple[Verdict | None, str, bytes | None]:
+    """A rejected record is checked fully again; an accepted one only for its record and the
+    image's bytes (the tar already holds what was decoded then)."""
+    if full:
+        return _check(index, value, reader, max_pixels)
+    try:
+        checked = check_record(value)
+    except Rejection:
+        return None, "", None
+    verdict = Verdict(index=index, id=checked.sample_id, image=checked.image, key=sample_key(index, checked.sample_id))
+    if checked.image is None:
+        return verdict, "", None
+    try:
+        data = read_image(reader, checked.image)
+    except Rejection:
+        return None, "", None
+    verdict.sha256 = hashlib.sha256(data).hexdigest()
+    return verdict, "", data
+
+
+def build_shard(shard_id: int, rows: list[tuple[int, Any]], images: str, output: str, max_pixels: int,
+                finished: FinishedShard | None = None) -> ShardResult:
+    """Check ``rows`` and write (or verify and reuse) shard ``shard_id`` (runs as a Ray task).
+    ``finished``: what the finished build in ``output`` (same job) recorded for this chunk."""
     name = shard_name(shard_id)
-    plan_sha256 = plan_digest(rows, images, max_pixels)
+    plan_sha256 = plan_digest(rows, max_pixels)
     reader = RootReader(images)  # one per task: folder real paths are cached for this chunk only
     reused = _reusable(output, name, plan_sha256, rows, reader, max_pixels)
+    if reused is None and finished is not None:
+        reused = _reusable_from_manifest(output, shard_id, plan_sha256, rows, reader, max_pixels, finished)
     if reused is not None and reused.shard_id == shard_id:
         return reused
     url = storage.join_url(output, name)

@@ -8,9 +8,10 @@ module in brackets writes; readers import the names from here, never spell them 
     <shards>/shard-000000.tar ...    WebDataset tars (one sample = <key>.json + <key>.<image suffix>)
     <shards>/manifest.json           written last: the set is complete only when it exists
     <shards>/quarantine.jsonl        every rejected input record with its reason
-    <shards>/_progress/              per-shard done-markers with every input record's verdict (resume);
-                                     kept after the build: a rerun reuses shards from them (the manifest
-                                     is removed first on every run, so it cannot be the record)
+    <shards>/_progress/              per-shard done-markers with every input record's verdict while a
+                                     build runs (resume); removed once manifest.json (which lists each
+                                     shard's plan digest) is written: a rerun then reuses shards from the
+                                     manifest and quarantine.jsonl it reads before removing the manifest
     <shards>/_progress/job.json      the identity (input SHA-256, options) of the run that owns the folder
     <shards>/_lock.json              the lease of the run writing the folder (deleted when it ends)
 
