@@ -70,7 +70,12 @@ def _write_checkpoint(directory, weights: dict[str, torch.Tensor]):
         "format_version": FORMAT_VERSION, "kinds": ["param"], "shards": {shard: size},
         "shapes": {n: list(t.shape) for n, t in weights.items()},
         "fragments": {f"param/{n}": [[shard, 0, t.numel()]] for n, t in weights.items()}}))
-    (directory / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "extra_state": {"step": 3}}))
+    # A complete state.json: checkpoints are read through its strict schema (mocha.train.checkpoint_state).
+    (directory / "state.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "world_size": 1, "global_steps": 3, "global_samples": 24,
+        "skipped_steps": 0, "optimizer": {"step": 3, "lr": 1e-4}, "scheduler": None,
+        "rng": [{"python": [3, [0] * 625, None], "numpy": ["MT19937", [0] * 624, 0, 0, 0.0]}],
+        "extra_state": {"step": 3}}))
 
 
 def _checkpoint_of(model, directory):
