@@ -22,7 +22,9 @@ MOCHA_ENCODER_ORDER: tuple[str, ...] = ("siglip", "convnext", "clip", "dinov2")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: ``.inf`` / ``.nan`` in a YAML are rejected like any other bad value
+    # (pydantic accepts them for float fields by default, and they would surface as a NaN loss).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class EncoderConfig(StrictModel):

@@ -9,8 +9,9 @@ training from features reads the feature shards alone.
 
 Each actor of the pool builds the encoders once (on its GPU when the cluster has GPUs) and
 encodes whole shards, ``batch_size`` images per forward pass. An image goes through exactly what
-the model does online: ``pipelines.validation.open_rgb``, the shared pad to a square
-(``ModelConfig.pad_to_square``, ``MochaModel.preprocess``), the encoder's ``preprocess``, its
+the model does online: ``pipelines.validation.open_rgb`` (``mocha.images.decode_rgb``: the RGB a
+viewer shows), the shared pad to a square (``ModelConfig.pad_to_square``, ``MochaModel.preprocess``),
+the encoder's ``preprocess``, its
 ``forward`` in the model's dtype; the stored array is that output cast to the declared dtype.
 With ``float32`` it is bit-identical to the in-process encoder on the same batch (convolution
 kernels may round differently for a different batch size, so "the same batch" matters).
@@ -200,10 +201,10 @@ class FeatureEncoder:
 
     def _flush(self, pending: list[tuple[str, dict[str, bytes]]], out) -> None:
         """Encode the images among ``pending`` in one batch and write all samples in order."""
-        images = {key: blob for key, members in pending if (blob := image_member(members, key)) is not None}
-        keys = list(images)
         from mocha.model.encoders import expand_to_square
 
+        images = {key: blob for key, members in pending if (blob := image_member(members, key)) is not None}
+        keys = list(images)
         pil = [open_rgb(blob, key) for key, blob in images.items()]
         if self.pad_to_square:
             pil = [expand_to_square(im) for im in pil]
@@ -303,7 +304,7 @@ def build_features(cfg: FeatureJobConfig, progress: bool = True) -> FeatureRepor
     if {s.name: s.count for s in shards} != expected_counts:
         raise RuntimeError("internal error: feature shards do not match the source shards' sample counts")
 
-    remove_stale_shards(cfg.output_url, keep=len(shards))
+    remove_stale_shards(cfg.output_url, keep={s.name for s in shards})
     manifest = {
         "format": FEATURES_FORMAT,
         "source": {"url": cfg.shards, "fingerprint": source["fingerprint"]},

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 #: Credentials are never forwarded: workers resolve them through their own standard chain.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
+#: Read by a locally started raylet: the niceness of its worker processes (Ray's default is 15).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Use the running Ray session, else connect to ``address`` (or ``RAY_ADDRESS``), else
@@ -25,6 +28,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray starts workers at niceness 15, so on a busy machine every other process comes first
+        # and a parallel build falls behind a single-process loop; `ray job submit` runs jobs at 0.
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 

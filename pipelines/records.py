@@ -6,6 +6,12 @@ whole: the list is parsed element by element with :meth:`json.JSONDecoder.raw_de
 growing text window, lines are split from fixed-size reads. The file's SHA-256 is computed on
 the way (the input fingerprint in the shard manifest).
 
+Text encoding: UTF-8, with or without a byte-order mark (the BOM is skipped). UTF-16 and UTF-32
+files (recognised by their BOM or by the NUL bytes of ASCII text in them) raise
+:class:`InputFormatError` saying how to convert them; they are not guessed at. A top-level JSON
+*object* (``{"data": [...]}``, or one record pretty-printed over several lines) is neither
+layout and raises :class:`InputFormatError` naming the expected one.
+
 A JSON Lines line that is not UTF-8 or not JSON becomes a record carrying a
 :class:`~pipelines.validation.Rejection` (it is quarantined, the build goes on). A JSON list is
 one document: if it is broken the whole input is unusable, so that raises
@@ -68,13 +74,56 @@ class InputReader:
         with storage.open_input(self.url) as raw:
             reader = _HashingReader(raw)
             head = reader.read()
+            _check_encoding(head, self.url)
+            if head.startswith(_UTF8_BOM):
+                head = head[len(_UTF8_BOM):]
             first = head.lstrip()[:1]
-            records = _json_list(reader, head, self.url) if first == b"[" else _json_lines(reader, head)
-            yield from records
+            if first == b"[":
+                yield from _json_list(reader, head, self.url)
+            else:
+                yield from _checked_json_lines(_json_lines(reader, head), head, self.url)
             while reader.read():  # hash any bytes the parser did not need (trailing blanks)
                 pass
         self.sha256 = reader.sha256.hexdigest()
         self.nbytes = reader.nbytes
+
+
+_UTF8_BOM = codecs.BOM_UTF8
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+_EXPECTED_LAYOUT = ("expected a JSON list of records ([{\"id\": ..., \"conversations\": [...]}, ...], LLaVA's "
+                    "format) or JSON Lines (one record object per line)")
+
+
+def _check_encoding(head: bytes, url: str) -> None:
+    """Refuse UTF-16/32 text (BOM, or the NUL bytes ASCII has in those encodings)."""
+    encoding = next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
+    if encoding is None and b"\x00" in head[:64]:
+        encoding = "UTF-16 or UTF-32"
+    if encoding is not None:
+        raise InputFormatError(f"{url}: the file is {encoding} text; the input must be UTF-8. Convert it, e.g. "
+                               f"`iconv -f UTF-16 -t UTF-8 IN > OUT` (for UTF-16)")
+
+
+def _checked_json_lines(records: Iterator[InputRecord], head: bytes, url: str) -> Iterator[InputRecord]:
+    """JSON Lines, after making sure the file is not a top-level JSON object instead: one
+    pretty-printed over several lines, or one line holding a list of records under a key."""
+    if head.lstrip()[:1] == b"{":
+        try:
+            value, end = json.JSONDecoder().raw_decode(head.decode("utf-8", errors="replace").lstrip())
+        except json.JSONDecodeError:
+            value, end = None, 0
+        text = head.decode("utf-8", errors="replace").lstrip()
+        first_line = text.split("\n", 1)[0].strip()
+        if (isinstance(value, dict) and "\n" in text[:end]) or first_line == "{":
+            raise InputFormatError(f"{url}: the file is one JSON object spanning several lines; {_EXPECTED_LAYOUT}")
+    for rec in records:
+        if rec.index == 0 and isinstance(rec.value, dict) and "conversations" not in rec.value:
+            lists = [k for k, v in rec.value.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            if lists:
+                raise InputFormatError(f"{url}: the file is a JSON object holding a list under {lists[0]!r}; "
+                                       f"{_EXPECTED_LAYOUT} (e.g. extract it with `jq '.{lists[0]}'`)")
+        yield rec
 
 
 def _json_lines(reader: _HashingReader, head: bytes) -> Iterator[InputRecord]:

@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from mocha.io import storage
 from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR
 
-_HASH_CHUNK = 8 << 20
+_HASH_CHUNK = 1 << 20  # 1 MiB: hashing streams, the buffer is the memory it costs
 
 
 def shard_name(shard_id: int) -> str:
@@ -183,15 +183,22 @@ def remove_markers(output: str) -> None:
         fs.delete_dir(path)
 
 
-def remove_stale_shards(output: str, keep: int) -> list[str]:
-    """Delete ``shard-NNNNNN.tar`` files (and markers) numbered ``>= keep``, left by an earlier
-    run over a larger input, and temporary files of writes a crash interrupted; returns the
-    names removed."""
+def is_shard_name(name: str) -> bool:
+    stem = name[len("shard-"):-len(".tar")]
+    return name.startswith("shard-") and name.endswith(".tar") and stem.isdigit()
+
+
+def remove_stale_shards(output: str, keep: int | Collection[str]) -> list[str]:
+    """Delete ``shard-NNNNNN.tar`` files (and markers) that are not kept -- numbered ``>= keep``
+    when ``keep`` is a count, not named in it when it is a collection of names -- left by an
+    earlier run, and temporary files of writes a crash interrupted; returns the names removed."""
     removed = []
     for url in storage.list_files(output):
         name = storage.basename(url)
-        stem = name[len("shard-"):-len(".tar")]
-        stale = name.startswith("shard-") and name.endswith(".tar") and stem.isdigit() and int(stem) >= keep
+        if isinstance(keep, int):
+            stale = is_shard_name(name) and int(name[len("shard-"):-len(".tar")]) >= keep
+        else:
+            stale = is_shard_name(name) and name not in keep
         if stale or storage.is_temporary(name):
             storage.delete(url)
             storage.delete(marker_url(output, name))

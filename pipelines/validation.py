@@ -13,13 +13,17 @@ training accepts; before that, the common failures are classified into their own
 from __future__ import annotations
 
 import enum
+import errno
 import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from mocha.io.storage import RootReader
 
 from mocha.text.conversation import GPT, HUMAN, ConversationError, count_image_tokens, validate_conversation
 
@@ -36,6 +40,10 @@ class Reason(str, enum.Enum):
     IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
     DUPLICATE_ID = "duplicate_id"
     MISSING_IMAGE = "missing_image"
+    OUTSIDE_ROOT = "outside_root"
+    INVALID_PATH = "invalid_path"
+    NOT_A_FILE = "not_a_file"
+    UNREADABLE_FILE = "unreadable_file"
     NOT_AN_IMAGE = "not_an_image"
     UNREADABLE_IMAGE = "unreadable_image"
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
@@ -51,14 +59,20 @@ class Rejection(Exception):
         self.detail = detail
 
 
-#: PIL format name -> the WebDataset member extension the original bytes are stored under.
+#: PIL format name -> the WebDataset member extension the original bytes are stored under. MPO
+#: (multi-picture JPEG, what many cameras write) is a JPEG whose first picture every decoder shows.
 #: GIF is accepted because real mixtures hold it (LLaVA-665K's OCR-VQA part mixes JPEG, PNG and
-#: GIF); an animated GIF trains on its first frame, as PIL's ``convert("RGB")`` gives it.
-IMAGE_EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
+#: GIF); an animated GIF trains on its first frame.
+IMAGE_EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
 
-#: Member suffixes a reader takes as a sample's image: what ``mocha data shard`` writes, plus
-#: ``jpeg``, which other WebDataset writers use for JPEG.
-IMAGE_MEMBER_SUFFIXES: tuple[str, ...] = (*IMAGE_EXTENSIONS.values(), "jpeg")
+#: Member suffixes a reader takes as a sample's image: what ``mocha data shard`` writes (each
+#: once; JPEG and MPO share ``jpg``), plus ``jpeg``, which other WebDataset writers use for JPEG.
+IMAGE_MEMBER_SUFFIXES: tuple[str, ...] = (*dict.fromkeys(IMAGE_EXTENSIONS.values()), "jpeg")
+
+#: Limits on an image path, the usual Linux ones (PATH_MAX, NAME_MAX), checked the same on every
+#: filesystem so the outcome does not depend on where the images live.
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
 
 
 def image_member(members: Mapping[str, Any], key: str = "?") -> bytes | None:
@@ -72,16 +86,17 @@ def image_member(members: Mapping[str, Any], key: str = "?") -> bytes | None:
     return bytes(members[found[0]]) if found else None
 
 
-def open_rgb(blob: bytes, key: str = "?"):
-    """Image bytes of any accepted format (JPEG, PNG, GIF, WebP) -> an RGB PIL image. Palette and
-    alpha images (GIF, PNG, WebP) are flattened onto black, as PIL's ``convert("RGB")`` does; an
-    animated image gives its first frame."""
+def open_rgb(blob: bytes, key: str = "?") -> Image.Image:
+    """Image bytes of any accepted format (JPEG, MPO, PNG, GIF, WebP) -> the RGB picture a viewer
+    shows, through :func:`mocha.images.decode_rgb` (16-bit scaled, EXIF orientation applied,
+    transparency over white; an animated image gives its first frame). Training, the feature job
+    and evaluation all decode this way. A file that cannot be decoded is a ``ValueError`` naming
+    the sample ``key``."""
+    from mocha.images import decode_rgb
+
     try:
-        with Image.open(io.BytesIO(blob)) as image:
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")  # else PIL warns and converts the same way
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return decode_rgb(blob)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"sample {key!r}: cannot decode its image ({len(blob)} bytes): {e}") from None
 
 #: Default pixel limit (width * height) above which an image is quarantined as too large.
@@ -125,6 +140,13 @@ def _image_path(record: dict[str, Any]) -> str | None:
     parts = image.replace("\\", "/").split("/")
     if image.startswith("/") or "://" in image or ".." in parts:
         raise Rejection(Reason.MALFORMED_RECORD, f"'image' must be a path inside the image root, got {image!r}")
+    if "\x00" in image:
+        raise Rejection(Reason.INVALID_PATH, f"'image' contains a NUL byte: {image!r}")
+    encoded = image.encode("utf-8", "surrogatepass")
+    longest = max(len(p.encode("utf-8", "surrogatepass")) for p in parts)
+    if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        raise Rejection(Reason.INVALID_PATH, f"'image' path is too long ({len(encoded)} bytes, longest name "
+                                             f"{longest}; limits {MAX_PATH_BYTES} and {MAX_NAME_BYTES})")
     return image
 
 
@@ -148,11 +170,12 @@ def _classify_conversation(conversations: Any) -> None:
                             f"turn {i} is from {turn['from']!r}, expected {expected!r} (human first, then alternating)")
 
 
-def check_record(record: Any, seen_ids: set[str]) -> CheckedRecord:
-    """Validate one parsed JSON record; on success its id is added to ``seen_ids``.
+def check_record(record: Any, seen_ids: set[str] | None = None) -> CheckedRecord:
+    """Validate one parsed JSON record; on success its id is added to ``seen_ids`` (when given).
 
-    Raises :class:`Rejection`. A later record repeating an accepted id is a duplicate (the
-    first occurrence wins, so the outcome depends only on input order).
+    Raises :class:`Rejection`. With ``seen_ids``, a later record repeating an accepted id is a
+    duplicate (the first occurrence wins). The shard job passes none: it decides duplicates
+    itself once the images are checked too, so that the first *good* copy of an id wins.
     """
     if not isinstance(record, dict):
         raise Rejection(Reason.MALFORMED_RECORD, f"record must be a JSON object, got {type(record).__name__}")
@@ -169,9 +192,10 @@ def check_record(record: Any, seen_ids: set[str]) -> CheckedRecord:
         validate_conversation(conversations, sample_id)
     except ConversationError as e:
         raise Rejection(Reason.MALFORMED_CONVERSATION, str(e)) from None
-    if sample_id in seen_ids:
-        raise Rejection(Reason.DUPLICATE_ID, f"id {sample_id!r} already used by an earlier record")
-    seen_ids.add(sample_id)
+    if seen_ids is not None:
+        if sample_id in seen_ids:
+            raise Rejection(Reason.DUPLICATE_ID, f"id {sample_id!r} already used by an earlier record")
+        seen_ids.add(sample_id)
     return CheckedRecord(sample_id=sample_id, image=image)
 
 
@@ -194,12 +218,14 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
     """Check that ``data`` is a complete, decodable image of an accepted format and size.
 
     The size is read from the header before any pixel is decoded, so an oversized image is
-    rejected without allocating it; then ``verify()`` checks the file structure and a full
-    ``load()`` catches truncated pixel data. Raises :class:`Rejection`.
+    rejected without allocating it. Then every byte of pixel data is decoded, which catches
+    truncated or damaged files: PNGs are ``verify()``-ed first (chunk CRCs) and loaded; JPEGs
+    are loaded in PIL's draft mode, which still entropy-decodes every coefficient (so damage
+    and truncation fail the same way) but skips most of the inverse DCT and colour conversion
+    at full size. Raises :class:`Rejection`.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, (width, height) = im.format, im.size
+        im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise Rejection(Reason.IMAGE_TOO_LARGE, str(e)) from None
     except UnidentifiedImageError:
@@ -208,15 +234,46 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
         raise Rejection(Reason.NOT_AN_IMAGE, f"{len(data)} bytes that no image decoder recognises") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Rejection(Reason.UNREADABLE_IMAGE, f"cannot read the image header: {e}") from None
-    if fmt not in IMAGE_EXTENSIONS:
-        raise Rejection(Reason.UNSUPPORTED_IMAGE_FORMAT, f"format {fmt} (accepted: {', '.join(IMAGE_EXTENSIONS)})")
-    if width * height > max_pixels:
-        raise Rejection(Reason.IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise Rejection(Reason.UNREADABLE_IMAGE, f"{fmt} image fails to decode: {e}") from None
+    with im:
+        fmt, (width, height) = im.format, im.size
+        if fmt not in IMAGE_EXTENSIONS:
+            raise Rejection(Reason.UNSUPPORTED_IMAGE_FORMAT, f"format {fmt} (accepted: {', '.join(IMAGE_EXTENSIONS)})")
+        if width * height > max_pixels:
+            raise Rejection(Reason.IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
+        try:
+            if fmt == "PNG":
+                im.verify()
+                with Image.open(io.BytesIO(data)) as again:
+                    again.load()
+            else:
+                if fmt in ("JPEG", "MPO"):
+                    im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                im.load()
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise Rejection(Reason.UNREADABLE_IMAGE, f"{fmt} image fails to decode: {e}") from None
     return ImageInfo(extension=IMAGE_EXTENSIONS[fmt], width=width, height=height)
+
+
+def read_image(images: "str | RootReader", relative: str) -> bytes:
+    """The bytes of a record's image under the image root; every way the path can fail becomes
+    a :class:`Rejection` (never an exception that would abort the job): missing, a link out of
+    the root, a folder or other non-file, a name the filesystem refuses, no permission."""
+    from mocha.io import storage
+
+    reader = storage.RootReader(images) if isinstance(images, str) else images
+    try:
+        return reader.read(relative)
+    except storage.OutsideRootError as e:
+        raise Rejection(Reason.OUTSIDE_ROOT, str(e)) from None
+    except FileNotFoundError:
+        raise Rejection(Reason.MISSING_IMAGE, f"no file {relative!r} under the image root") from None
+    except (IsADirectoryError, NotADirectoryError) as e:
+        raise Rejection(Reason.NOT_A_FILE, f"{relative!r} is not a regular file ({e.strerror or e})") from None
+    except PermissionError as e:
+        raise Rejection(Reason.UNREADABLE_FILE, f"{relative!r}: permission denied ({e.strerror or e})") from None
+    except ValueError as e:  # "embedded null byte" and other names the OS cannot take
+        raise Rejection(Reason.INVALID_PATH, f"{relative!r}: {e}") from None
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.ELOOP):
+            raise Rejection(Reason.INVALID_PATH, f"{relative!r}: {e.strerror or e}") from None
+        raise Rejection(Reason.UNREADABLE_FILE, f"{relative!r}: {e}") from None

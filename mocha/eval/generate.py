@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from PIL import Image
+    from mocha.images import open_rgb
 
     from mocha.eval.cli import default_device
     from mocha.eval.runner import AnswerOptions, VisualQuestionAnswerer
@@ -51,7 +51,6 @@ def _run(args: argparse.Namespace) -> int:
     options = AnswerOptions(suffix="", max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                             temperature=args.temperature, top_p=args.top_p, batch_size=1)
     qa = VisualQuestionAnswerer.from_pretrained(args.checkpoint, options, device=default_device(args.device))
-    with Image.open(args.image) as image:
-        answer = qa.answer_images([image.convert("RGB")], [human_turn(args.prompt)])[0]
+    answer = qa.answer_images([open_rgb(args.image)], [human_turn(args.prompt)])[0]
     print(answer)
     return 0

@@ -136,13 +136,12 @@ class VisualQuestionAnswerer:
 
 
 def open_image(image_root: str | Path, question: dict):
-    from PIL import Image
+    from mocha.images import open_rgb
 
     path = Path(image_root) / question["image"]
     if not path.is_file():
         raise FileNotFoundError(f"question {question['question_id']!r}: image {path} not found")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return open_rgb(path)
 
 
 # ----------------------------------------------------------------------------- Ray Data

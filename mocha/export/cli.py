@@ -29,7 +29,11 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="pretrained directory or training checkpoint directory")
-    parser.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="output directory; an existing one is replaced only when it is empty or a previous "
+                             "export (else refused, unless --overwrite); replaced atomically")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even when it is a non-empty folder that is not a MoCHA export")
     parser.add_argument("--base", default=None, help="pretrained directory a training checkpoint is laid over")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                         help="weight dtype (default auto: as stored)")
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype, max_shard_size=args.max_shard_size, source=args.checkpoint,
             manifests=[(url, read_json_document(url, MANIFEST_NAME, "--manifest")) for url in args.manifest],
             scores=[(path, read_json_document(path, SCORES_FILE, "--scores")) for path in args.scores])
-        out = export_pretrained(args.checkpoint, args.out, base=args.base, options=options)
+        out = export_pretrained(args.checkpoint, args.out, base=args.base, options=options, overwrite=args.overwrite)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"[mocha] exported {args.checkpoint} -> {out} ({files})")
     return 0

@@ -88,20 +88,58 @@ def overlay_checkpoint(model, checkpoint_dir: str | Path) -> list[str]:
     return sorted(state)
 
 
+def check_export_target(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse to replace ``out_dir`` when it is a file, or a non-empty folder that is not a
+    previous export, unless ``overwrite`` (a mistyped ``--out`` must not erase a user's folder)."""
+    out_dir = Path(out_dir)
+    if overwrite or not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ConfigError(f"--out {out_dir} exists and is not a folder; pass --overwrite to replace it")
+    if any(out_dir.iterdir()) and not is_pretrained_dir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a non-empty folder that is not a MoCHA export (a run's export "
+                          f"or `mocha export` output); refusing to replace it. Pass --overwrite "
+                          f"to replace it anyway, or choose another folder.")
+
+
+def replace_atomically(staging: Path, out_dir: Path) -> None:
+    """Put the complete folder ``staging`` at ``out_dir`` (a sibling on the same filesystem): an
+    existing ``out_dir`` is first renamed aside and deleted only after the new one is in place;
+    if the swap fails the old one is put back."""
+    aside = None
+    if out_dir.exists() or out_dir.is_symlink():
+        aside = out_dir.with_name(f".{out_dir.name}.replaced-{staging.name.rsplit('.', 1)[-1]}")
+        out_dir.rename(aside)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        if aside is not None:
+            aside.rename(out_dir)
+        raise
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
+
+
 def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path | None = None,
-                      options: HFExportOptions | None = None) -> Path:
+                      options: HFExportOptions | None = None, overwrite: bool = False) -> Path:
     """Write ``out_dir`` as a transformers-native folder (``mocha.export.hf``) from ``source``.
 
     ``source`` is a pretrained directory (either layout; reloaded with ``from_pretrained``, so the
     result is canonical and verified loadable) or a training checkpoint, which needs ``base`` (a
     pretrained directory supplying the architecture, the weights the checkpoint does not hold,
     and the tokenizer). ``options``: dtype, shard size, model-card facts. The output appears
-    complete or not at all (written to a sibling temporary folder, then renamed).
+    complete or not at all (written to a sibling temporary folder, then renamed). An existing
+    ``out_dir`` is replaced only when it is empty or a previous export, or with ``overwrite``
+    (:func:`check_export_target`); it is swapped out, never deleted before the new one is in place.
     """
     from mocha.export.hf import write_hf_folder
     from mocha.model.mocha import MochaModel
 
     source, out_dir = Path(source), Path(out_dir)
+    check_export_target(out_dir, overwrite)
     if is_pretrained_dir(source):
         if base is not None:
             raise ConfigError(f"{source} is already a complete model; --base applies to training checkpoints only")
@@ -128,9 +166,7 @@ def export_pretrained(source: str | Path, out_dir: str | Path, base: str | Path 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write_hf_folder(staging, model, tokenizer, options or HFExportOptions(source=str(source)))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_atomically(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,14 +8,18 @@ module in brackets writes; readers import the names from here, never spell them 
     <shards>/shard-000000.tar ...    WebDataset tars (one sample = <key>.json + <key>.<image suffix>)
     <shards>/manifest.json           written last: the set is complete only when it exists
     <shards>/quarantine.jsonl        every rejected input record with its reason
-    <shards>/_progress/              per-shard completion markers while a build runs (resume);
-                                     removed once manifest.json (which lists each shard's plan digest) is written
+    <shards>/_progress/              per-shard done-markers with every input record's verdict while a
+                                     build runs (resume); removed once manifest.json (which lists each
+                                     shard's plan digest) is written: a rerun then reuses shards from the
+                                     manifest and quarantine.jsonl it reads before removing the manifest
+    <shards>/_progress/job.json      the identity (input SHA-256, options) of the run that owns the folder
+    <shards>/_lock.json              the lease of the run writing the folder (deleted when it ends)
 
 **Feature set** (``mocha data features``; ``pipelines.features``)::
 
     <features>/features-000000.tar   one tar per source shard, same keys and order
     <features>/manifest.json         written last: encoders, shapes, source shard fingerprint
-    <features>/_progress/            likewise, only while the job runs
+    <features>/_progress/            per-shard markers, only while the job runs
 
 **Run directory** (``mocha train``; ``mocha.train``): ``<run.storage_path>/<run.name>/``::
 
@@ -62,6 +66,8 @@ from __future__ import annotations
 MANIFEST_NAME = "manifest.json"
 QUARANTINE_NAME = "quarantine.jsonl"
 PROGRESS_DIR = "_progress"
+SHARD_JOB_NAME = "job.json"  # inside PROGRESS_DIR
+OUTPUT_LOCK_NAME = "_lock.json"
 
 # -- run directory --------------------------------------------------------------------------------
 METRICS_NAME = "metrics.jsonl"

@@ -15,9 +15,11 @@ its upload completes), so a crash mid-write leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -79,6 +81,85 @@ def resolve_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     if "://" in url:
         raise ValueError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/key")
     return pafs.LocalFileSystem(), str(Path(url).expanduser().resolve())
+
+
+class OutsideRootError(OSError):
+    """A path under a root resolves (through symbolic links) to a file outside that root."""
+
+
+class RootReader:
+    """Reads files by path relative to one root folder (local or ``s3://``), never a file outside
+    it: local symbolic links -- to a file or a folder, anywhere on the path -- are resolved and
+    a target outside the root's real path raises :class:`OutsideRootError`. S3 has no links.
+
+    Fast path: the real path of each folder is resolved once per reader (keep a reader for one
+    batch of work, not for the life of a process), and the file itself is opened with
+    ``O_NOFOLLOW``, so a link in the last component fails the open and takes the slow path
+    (full resolution). ``O_NONBLOCK`` keeps a FIFO among the files from hanging the reader.
+
+    :meth:`read` raises ``FileNotFoundError``, ``IsADirectoryError`` (a folder, FIFO, device),
+    ``PermissionError``, ``ValueError`` (a NUL byte) or another ``OSError`` (a name too long,
+    a link loop) for the caller to classify."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.s3 = is_s3(root)
+        if not self.s3:
+            local = root[len("file://"):] if root.startswith("file://") else root
+            self.real_root = os.path.realpath(str(Path(local).expanduser()))
+        self._dirs: dict[str, str] = {}
+
+    def _inside(self, real: str, relative: str) -> str:
+        if real != self.real_root and not real.startswith(self.real_root.rstrip("/") + "/"):
+            raise OutsideRootError(f"{relative!r} resolves to {real}, outside the root {self.real_root}")
+        return real
+
+    def _real_dir(self, folder: str, relative: str) -> str:
+        real = self._dirs.get(folder)
+        if real is None:
+            real = self._inside(os.path.realpath(os.path.join(self.real_root, folder)), relative)
+            self._dirs[folder] = real
+        return real
+
+    def read(self, relative: str) -> bytes:
+        if self.s3:
+            url = join_url(self.root, relative)
+            try:
+                return read_bytes(url)
+            except OSError:
+                fs, path = resolve_filesystem(url)
+                if fs.get_file_info(path).type == pafs.FileType.Directory:
+                    raise IsADirectoryError(f"{url} is a folder (a key prefix)") from None
+                raise
+        if "\x00" in relative:
+            raise ValueError("embedded null byte")
+        folder, _, name = relative.replace("\\", "/").rpartition("/")
+        path = os.path.join(self._real_dir(folder, relative), name)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            # The last component is a link: follow it, then it must still land inside the root.
+            path = self._inside(os.path.realpath(path), relative)
+            fd = os.open(path, flags)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(f"{relative} is a folder")
+            if not stat.S_ISREG(mode):
+                raise IsADirectoryError(f"{relative} is not a regular file (device, FIFO or socket)")
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+
+def read_under_root(root: str, relative: str) -> bytes:
+    """``RootReader(root).read(relative)``: one file, never from outside ``root``."""
+    return RootReader(root).read(relative)
 
 
 def exists(url: str) -> bool:

@@ -434,14 +434,11 @@ def read_checkpoint_state(url: str) -> dict[str, Any]:
     path = storage.join_url(url, CHECKPOINT_STATE_NAME)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no {CHECKPOINT_STATE_NAME}; not a (complete) mocha checkpoint")
-    try:
-        state = json.loads(storage.read_bytes(path))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path}: checkpoint format {found!r}, expected {FORMAT_VERSION}")
-    return state
+    from mocha.train.checkpoint_state import parse_checkpoint_state
+
+    # Strict schema: a ConfigError (a ValueError) naming the file and every bad field.
+    text = storage.read_bytes(path).decode("utf-8", errors="replace")
+    return parse_checkpoint_state(text, path, expected_version=FORMAT_VERSION).model_dump()
 
 
 def read_index(url: str) -> dict[str, Any]:

@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a field by dotted path, value parsed as YAML (repeatable)")
     parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint directory (local or s3://) instead of the run's latest")
-    parser.add_argument("--check", action="store_true", help="validate the job and its inputs, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the job and its inputs (shard sizes and SHA-256 against the manifest, "
+                             "tokenizer, init weights), then exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     if args.check:
-        check_inputs(job)
+        check_inputs(job, verify_checksums=True)
         print(f"{args.job}: valid (stage {job.stage}, {job.scaling.describe}, "
               f"ZeRO-{job.deepspeed.zero_stage}, ep_size {job.deepspeed.ep_size})")
         return 0

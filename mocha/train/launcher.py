@@ -23,18 +23,34 @@ class RunResult:
     export_dir: str | None
 
 
-def check_inputs(job: JobConfig) -> None:
-    """Fail before any worker starts when the data or the init weights are missing/incompatible."""
-    from mocha.train.shards import load_shard_refs
+def check_inputs(job: JobConfig, verify_checksums: bool = False) -> None:
+    """Fail before any worker starts when the data, the tokenizer or the init weights are
+    missing/incompatible. Every shard's size is compared with the manifest; with
+    ``verify_checksums`` (``mocha train --check``) its SHA-256 too."""
+    from mocha.train.shards import load_shard_refs, verify_shard_files
     from mocha.io import storage
 
     load_shard_refs(job.data.shards, job.data.features, job.model)  # raises on missing / mismatched data
+    verify_shard_files(job.data.shards, checksums=verify_checksums)
     if job.init.trainable_from:
         url = storage.join_url(job.init.trainable_from, TRAINABLE_NAME)
         if not storage.exists(url):
             raise ConfigError(f"init.trainable_from: no {TRAINABLE_NAME} at {job.init.trainable_from}")
+    _check_tokenizer(job)
     if job.stage == 2 and not job.init.trainable_from:
         print("[mocha] warning: stage 2 without init.trainable_from starts the connectors from scratch")
+
+
+def _check_tokenizer(job: JobConfig) -> None:
+    """Load the tokenizer once on the driver, so a wrong path fails here and not in every worker."""
+    from mocha.text.tokenizer import load_tokenizer
+
+    path = job.tokenizer_path
+    try:
+        load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as e:
+        field = "tokenizer" if job.tokenizer else ("model.llm.tokenizer" if job.model.llm.tokenizer else "model.llm.pretrained")
+        raise ConfigError(f"{field}: cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
 
 
 def connect_ray(num_cpus: int | None = None) -> None:

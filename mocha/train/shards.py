@@ -26,6 +26,33 @@ def _read_manifest(url: str, what: str) -> dict:
         raise ConfigError(f"{what}: cannot read {manifest_url}: {e}") from None
 
 
+def verify_shard_files(shards_url: str, checksums: bool = False) -> int:
+    """Check that every shard the manifest lists is there with its recorded size (and, with
+    ``checksums``, its SHA-256), so a manifest that no longer describes the files is caught
+    before training; returns the number of shards checked. Raises ``ConfigError`` naming the
+    first shards that differ."""
+    from mocha.io import storage
+    from pipelines.tar_shards import sha256_of
+
+    manifest = _read_manifest(shards_url, "data.shards")
+    problems = []
+    for shard in manifest.get("shards", []):
+        url = storage.join_url(shards_url, shard["name"])
+        size = storage.file_size(url)
+        if size is None:
+            problems.append(f"{shard['name']} is missing")
+        elif size != shard["size"]:
+            problems.append(f"{shard['name']} has {size} bytes, the manifest says {shard['size']}")
+        elif checksums and sha256_of(url) != shard["sha256"]:
+            problems.append(f"{shard['name']} has a different SHA-256 than the manifest records")
+        if len(problems) >= 5:
+            break
+    if problems:
+        raise ConfigError(f"data.shards: {MANIFEST_NAME} at {shards_url} does not describe the shards there: "
+                          + "; ".join(problems) + ". Rebuild with `mocha data shard`.")
+    return len(manifest.get("shards", []))
+
+
 def load_shard_refs(shards_url: str, features_url: str | None, model: ModelConfig) -> list[ShardRef]:
     """Shards to train on, in manifest order. From features: the feature shards (which carry the
     conversation json too), after checking that they were computed from exactly these shards

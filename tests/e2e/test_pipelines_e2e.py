@@ -23,7 +23,13 @@ from mocha.model.encoders import build_encoders
 from mocha.model.tiny import tiny_model_config
 from mocha.io import storage
 from pipelines.features import FeatureJobConfig, FeatureManifest, build_features, decode_features
+from mocha.cli import main
+from mocha.config import ConfigError
+from mocha.train.shards import verify_shard_files
+from pipelines.output_lock import OutputLockedError
+from pipelines.records import InputFormatError
 from pipelines.shard import ShardJobConfig, build_shards
+from pipelines.shard_output import OutputNotEmptyError
 from pipelines.validation import Reason
 from tests.pipelines_samples import TEST_MAX_PIXELS, GeneratedDataset, make_dataset
 
@@ -44,7 +50,7 @@ def dataset(tmp_path_factory) -> GeneratedDataset:
 
 def shard_config(ds: GeneratedDataset, input_url: str, images: str, output: str, **kw) -> ShardJobConfig:
     return ShardJobConfig(input=input_url, images=images, output=output, max_image_pixels=TEST_MAX_PIXELS,
-                          **{"samples_per_shard": PER_SHARD, "batch_size": 32, **kw})
+                          **{"samples_per_shard": PER_SHARD, "lock_settle_s": 0.2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def expected_samples(ds: GeneratedDataset) -> list[tuple[str, dict, bytes | None
 def check_samples(samples: list[dict], ds: GeneratedDataset) -> None:
     """Rows read back from shards (any reader, raw bytes) match the input exactly."""
     expected = expected_samples(ds)
-    assert len(samples) == len(expected) == NUM_GOOD
+    assert len(samples) == len(expected) == NUM_GOOD + len(ds.late)
     keys = [s["__key__"] for s in samples]
     assert len(set(keys)) == len(keys) and all("." not in k and "/" not in k for k in keys)
     for sample, (sample_id, record, image) in zip(samples, expected):
@@ -90,9 +96,11 @@ def test_local_shards_read_back_and_quarantine_adds_up(local_run, dataset):
     cfg, report = local_run
     m = report.manifest
     out = Path(cfg.output)
-    names = [f"shard-{i:06d}.tar" for i in range(5)]
+    counts = dataset.expected_shard_counts(PER_SHARD)
+    names = [f"shard-{i:06d}.tar" for i in range(len(counts))]
     assert [s["name"] for s in m["shards"]] == names and sorted(p.name for p in out.glob("*.tar")) == names
-    assert [s["count"] for s in m["shards"]] == [64, 64, 64, 64, 44]
+    assert [s["count"] for s in m["shards"]] == counts and max(counts[:-1]) <= PER_SHARD
+    assert counts[-1] == len(dataset.late) == 1  # the id whose first copy was bad: its good copy won
     for s in m["shards"]:
         data = (out / s["name"]).read_bytes()
         assert (s["size"], s["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
@@ -101,7 +109,9 @@ def test_local_shards_read_back_and_quarantine_adds_up(local_run, dataset):
 
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert {q["index"]: q["reason"] for q in quarantine} == dataset.expected_reasons
-    assert {r.value for r in Reason} == set(dataset.expected_reasons.values())  # every kind is exercised
+    # Every kind is exercised (unreadable_file needs an unprivileged user: test_pipelines_hostile_inputs).
+    assert {r.value for r in Reason} - {"unreadable_file"} == set(dataset.expected_reasons.values())
+    assert [q["id"] for q in quarantine if q["reason"] == "duplicate_id"] == ["sample-1", "dup-first-bad"]
     assert m["quarantine"] == {r: list(dataset.expected_reasons.values()).count(r)
                                for r in sorted(set(dataset.expected_reasons.values()))}
     assert all(q["detail"] for q in quarantine)
@@ -113,7 +123,7 @@ def test_local_shards_read_back_and_quarantine_adds_up(local_run, dataset):
     import ray
 
     rows = ray.data.read_webdataset(urls, decoder=None).take_all()
-    rows.sort(key=lambda r: r["__key__"])
+    rows.sort(key=lambda r: (r["__url__"], r["__key__"]))  # shard order, then key order within a shard
     check_samples(rows, dataset)
 
 
@@ -123,7 +133,8 @@ def test_rerun_is_byte_identical_and_reuses_every_shard(local_run):
         "manifest.json", "quarantine.jsonl"]  # a finished build keeps no progress markers
     before = tree_digest(Path(cfg.output))
     again = build_shards(cfg, progress=False)
-    assert (again.shards_written, again.shards_reused) == (0, 5)
+    shards = first.manifest["num_shards"]
+    assert (again.shards_written, again.shards_reused) == (0, shards)
     assert again.manifest == first.manifest and tree_digest(Path(cfg.output)) == before
     # A damaged shard is detected (sha256) and rebuilt to the same bytes.
     shard = Path(cfg.output) / "shard-000002.tar"
@@ -131,7 +142,7 @@ def test_rerun_is_byte_identical_and_reuses_every_shard(local_run):
     damaged[len(damaged) // 2] ^= 0xFF  # same size, one byte flipped
     shard.write_bytes(bytes(damaged))
     fixed = build_shards(cfg, progress=False)
-    assert (fixed.shards_written, fixed.shards_reused) == (1, 4) and tree_digest(Path(cfg.output)) == before
+    assert (fixed.shards_written, fixed.shards_reused) == (1, shards - 1) and tree_digest(Path(cfg.output)) == before
 
 
 def test_features_local_bit_identical_aligned_and_resumable(local_run, dataset, tmp_path, request):
@@ -175,15 +186,19 @@ def test_features_local_bit_identical_aligned_and_resumable(local_run, dataset, 
     before = tree_digest(tmp_path / "features")
     (tmp_path / "features" / "shard-000001.tar").unlink()
     again = build_features(fcfg, progress=False)
-    assert (report.shards_written, again.shards_written, again.shards_reused) == (5, 1, 4)
+    shards = len(manifest.shards)
+    assert (report.shards_written, again.shards_written, again.shards_reused) == (shards, 1, shards - 1)
     assert tree_digest(tmp_path / "features") == before
 
 
 def _upload_tree(local: Path, bucket_url: str, prefix: str) -> str:
+    """Upload the files under ``local`` as S3 has them: links that stay inside become copies,
+    links out of the folder are not uploaded (S3 has no links)."""
     s3 = boto3.client("s3")
     bucket = bucket_url[len("s3://"):]
+    root = local.resolve()
     for p in sorted(local.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.resolve().is_relative_to(root):
             s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local)}")
     return f"{bucket_url}/{prefix}"
 
@@ -199,7 +214,12 @@ def test_s3_end_to_end_matches_local_bytes(local_run, dataset, s3_bucket, tmp_pa
     report = build_shards(shard_config(dataset, input_url, images, out), progress=False)
     assert report.manifest["shards"] == local.manifest["shards"]  # same bytes as the local run
     assert report.manifest["fingerprint"] == local.manifest["fingerprint"]
-    assert storage.read_bytes(f"{out}/quarantine.jsonl") == (Path(cfg.output) / "quarantine.jsonl").read_bytes()
+    s3_quarantine = [json.loads(line) for line in storage.read_bytes(f"{out}/quarantine.jsonl").splitlines()]
+    local_quarantine = [json.loads(line) for line in (Path(cfg.output) / "quarantine.jsonl").read_text().splitlines()]
+    # The links out of the root were never uploaded: on S3 those images are simply missing.
+    as_on_s3 = {"outside_root": "missing_image"}
+    assert [(q["index"], q["reason"]) for q in s3_quarantine] == \
+        [(q["index"], as_on_s3.get(q["reason"], q["reason"])) for q in local_quarantine]
 
     # Stock webdataset over presigned HTTP URLs; Ray Data through pyarrow's S3 filesystem.
     s3 = boto3.client("s3")
@@ -209,7 +229,7 @@ def test_s3_end_to_end_matches_local_bytes(local_run, dataset, s3_bucket, tmp_pa
     check_samples(list(wds.WebDataset(urls, shardshuffle=False)), dataset)
     fs, _ = storage.resolve_filesystem(out)
     rows = ray.data.read_webdataset([f"{bucket}/shards/{n}" for n in names], filesystem=fs, decoder=None).take_all()
-    check_samples(sorted(rows, key=lambda r: r["__key__"]), dataset)
+    check_samples(sorted(rows, key=lambda r: (r["__url__"], r["__key__"])), dataset)
 
     # Features on S3, rerun reuses everything.
     fcfg = FeatureJobConfig(shards=out, model=tiny_model_config(), batch_size=16)
@@ -229,12 +249,16 @@ def test_killed_driver_then_rerun_completes_with_the_same_result(ray_cluster, da
     small = {"samples_per_shard": 2, "concurrency": 1}
     cmd = [sys.executable, "-m", "mocha.cli", "data", "shard", "--input", str(dataset.input), "--images",
            str(dataset.images), "--output", str(killed), "--samples-per-shard", "2", "--concurrency", "1",
-           "--max-image-pixels", str(TEST_MAX_PIXELS), "--batch-size", "32", "--no-progress",
+           "--max-image-pixels", str(TEST_MAX_PIXELS), "--no-progress",
            "--ray-address", ray.get_runtime_context().gcs_address]
     with open(tmp_path / "driver.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None and not list(killed.glob("_progress/shard-*.json")):  # a shard is done
             time.sleep(0.01)
+        # A second run into the same output while the first one writes: refused, nothing touched.
+        with pytest.raises(OutputLockedError, match="held by run"):
+            build_shards(shard_config(dataset, str(dataset.input), str(dataset.images), str(killed), **small),
+                         progress=False)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-2000:]
@@ -245,7 +269,7 @@ def test_killed_driver_then_rerun_completes_with_the_same_result(ray_cluster, da
                            progress=False)
     build_shards(shard_config(dataset, str(dataset.input), str(dataset.images), str(reference), **small),
                  progress=False)
-    assert resumed.shards_reused >= 1 and resumed.manifest["num_shards"] == NUM_GOOD // 2
+    assert resumed.shards_reused >= 1 and resumed.manifest["num_shards"] == len(dataset.expected_shard_counts(2))
     visible = lambda d: {k: v for k, v in tree_digest(d).items() if not Path(k).name.startswith(".")}  # noqa: E731
     assert visible(killed) == visible(reference)
 
@@ -257,7 +281,7 @@ def test_driver_memory_does_not_grow_with_dataset_size(ray_cluster, tmp_path):
     for scale in (1, 4):
         ds = make_dataset(tmp_path / f"x{scale}", 60 * scale, bad=False, image_size=(150, 200), noise=True)
         cfg = ShardJobConfig(input=str(ds.write_json()), images=str(ds.images), output=str(tmp_path / f"out{scale}"),
-                             samples_per_shard=16, chunk_records=16, batch_size=16)
+                             samples_per_shard=16, concurrency=2)
         tracemalloc.start()
         report = build_shards(cfg, progress=False)
         peaks.append(tracemalloc.get_traced_memory()[1])
@@ -266,3 +290,47 @@ def test_driver_memory_does_not_grow_with_dataset_size(ray_cluster, tmp_path):
         image_bytes.append(sum(len(b) for b in ds.image_bytes.values()))
     assert peaks[1] < 1.3 * peaks[0], peaks
     assert peaks[1] < image_bytes[1] / 2, (peaks, image_bytes)
+
+
+def test_different_input_is_refused_and_a_failed_overwrite_leaves_no_manifest(ray_cluster, tmp_path):
+    """Run A finishes; run B (other input) is refused; B with --overwrite dies halfway through its
+    input (a broken JSON list): no manifest is left to describe the mix, `mocha train --check`
+    refuses the folder, and rerunning B completes."""
+    a = make_dataset(tmp_path / "a", 40, bad=False, seed=1)
+    b = make_dataset(tmp_path / "b", 40, bad=False, seed=2)
+    out = str(tmp_path / "out")
+    first = build_shards(shard_config(a, str(a.write_json()), str(a.images), out, samples_per_shard=8), progress=False)
+    assert verify_shard_files(out, checksums=True) == first.manifest["num_shards"] == 5
+    b_json = b.write_json()
+    with pytest.raises(OutputNotEmptyError, match="input_sha256"):
+        build_shards(shard_config(b, str(b_json), str(b.images), out, samples_per_shard=8), progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == first.manifest  # untouched
+
+    broken = tmp_path / "b_broken.json"
+    broken.write_bytes(b_json.read_bytes().rstrip()[:-1] + b", {oops")  # valid records, then garbage
+    with pytest.raises(InputFormatError):
+        build_shards(shard_config(b, str(broken), str(b.images), out, samples_per_shard=8, overwrite=True),
+                     progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        verify_shard_files(out)
+    again = build_shards(shard_config(b, str(b_json), str(b.images), out, samples_per_shard=8, overwrite=True),
+                         progress=False)
+    assert again.manifest["num_samples"] == 40 and verify_shard_files(out, checksums=True) == 5
+
+
+def test_empty_input_and_nothing_accepted_exit_3_with_counts(ray_cluster, tmp_path, capsys):
+    (tmp_path / "empty.json").write_bytes(b"")
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"id": "x", "conversations": []}, {"id": "y", "image": "nope.png",
+                                            "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                              {"from": "gpt", "value": "a"}]})) + "\n")
+    base = ["data", "shard", "--images", str(tmp_path), "--no-progress"]
+    assert main(base + ["--input", str(tmp_path / "empty.json"), "--output", str(tmp_path / "o1")]) == 3
+    assert "the input has no records (0 accepted, 0 quarantined)" in capsys.readouterr().err
+    assert main(base + ["--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o2")]) == 3
+    err = capsys.readouterr().err
+    assert "none of the 2 input records was accepted (0 accepted, 2 quarantined: empty_conversation: 1, " \
+           "missing_image: 1)" in err
+    assert (tmp_path / "o2" / "quarantine.jsonl").read_text().count("\n") == 2
+    assert not (tmp_path / "o2" / "manifest.json").exists()

@@ -70,7 +70,12 @@ def _write_checkpoint(directory, weights: dict[str, torch.Tensor]):
         "format_version": FORMAT_VERSION, "kinds": ["param"], "shards": {shard: size},
         "shapes": {n: list(t.shape) for n, t in weights.items()},
         "fragments": {f"param/{n}": [[shard, 0, t.numel()]] for n, t in weights.items()}}))
-    (directory / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "extra_state": {"step": 3}}))
+    # A complete state.json: checkpoints are read through its strict schema (mocha.train.checkpoint_state).
+    (directory / "state.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "world_size": 1, "global_steps": 3, "global_samples": 24,
+        "skipped_steps": 0, "optimizer": {"step": 3, "lr": 1e-4}, "scheduler": None,
+        "rng": [{"python": [3, [0] * 625, None], "numpy": ["MT19937", [0] * 624, 0, 0, 0.0]}],
+        "extra_state": {"step": 3}}))
 
 
 def _checkpoint_of(model, directory):
@@ -115,3 +120,37 @@ def test_generate_cli_prints_the_answer(run, capsys):
     assert printed == expected
     assert printed == tokenizer.decode(_generate(model, tokenizer, Image.open(image_path).convert("RGB"))[0],
                                        skip_special_tokens=True).strip()
+
+
+def test_out_folder_that_is_not_an_export_is_refused_unless_overwrite(run, tmp_path, capsys):
+    root, *_ = run
+    user = tmp_path / "Documents"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    assert main(["export", "--checkpoint", str(root / "export"), "--out", str(user)]) == 2
+    assert "not a MoCHA export" in capsys.readouterr().err and (user / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        export_pretrained(root / "export", tmp_path / "file")
+    # An earlier export is replaced without --overwrite; a user folder only with it. Both are
+    # swapped in whole: no temporary or set-aside folder is left next to them.
+    assert main(["export", "--checkpoint", str(root / "export"), "--out", str(tmp_path / "prev")]) == 0
+    assert main(["export", "--checkpoint", str(root / "export"), "--out", str(tmp_path / "prev")]) == 0
+    assert main(["export", "--checkpoint", str(root / "export"), "--out", str(user), "--overwrite"]) == 0
+    assert not (user / "thesis.tex").exists() and (user / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Documents", "file", "prev"]
+
+
+def test_failed_swap_keeps_the_previous_export(tmp_path):
+    from mocha.export.pretrained import replace_atomically
+
+    old, staging = tmp_path / "out", tmp_path / ".out.abc123"
+    old.mkdir()
+    (old / "model.safetensors").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        replace_atomically(staging, old)  # staging missing: the rename fails midway
+    assert (old / "model.safetensors").read_text() == "old"
+    staging.mkdir()
+    (staging / "model.safetensors").write_text("new")
+    replace_atomically(staging, old)
+    assert (old / "model.safetensors").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

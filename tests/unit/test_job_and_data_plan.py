@@ -51,6 +51,9 @@ def _base() -> dict:
     (lambda d: (d["model"].update(llm_experts={"layers": [0], "num_experts": 6}), d["deepspeed"].update(ep_size=4)),
      "must divide num_experts (6) of model.llm_experts"),
     (lambda d: d.update(moe_llm={"enabled": True}), "moe_llm"),
+    (lambda d: d["schedule"].update(lr=float("inf")), "schedule.lr: Input should be a finite number"),
+    (lambda d: d["schedule"].update(grad_clip=float("nan")), "schedule.grad_clip: Input should be a finite number"),
+    (lambda d: d["schedule"].update(epochs=float("inf")), "schedule.epochs"),
 ])
 def test_invalid_job_fails_naming_the_field(tmp_path, mutate, field):
     data = _base()

@@ -3,9 +3,6 @@ build and per training run, with a warning over 1%."""
 
 from __future__ import annotations
 
-import json
-
-import pyarrow as pa
 import pytest
 
 from mocha.text.conversation import TRUNCATION_WARN_FRACTION, tokenize_conversation, truncation_report
@@ -72,28 +69,36 @@ def test_run_summary_covers_the_whole_history(tmp_path):
 
 
 def test_shard_build_tasks_tokenise_each_record_under_the_budget(tmp_path, tokenizer_dir):
-    """Stage 2 of the shard job (the Ray task body, called directly) adds each record's status."""
+    """A shard task (the Ray task body, called directly) counts its accepted records by the status
+    the training job would give them; rejected records are not counted, and a reused shard is
+    counted again under the budget of the rerun."""
     from PIL import Image
 
     from mocha.model.encoders import encoder_geometry
     from mocha.model.tiny import tiny_model_config
-    from pipelines.shard import SequenceBudget, _inspect_images
+    from pipelines.shard import SequenceBudget
+    from pipelines.shard_task import build_shard
 
     model = tiny_model_config(max_length=64)
     budget = SequenceBudget.of_model(model, tokenizer_dir)
     assert budget.num_image_tokens == sum(encoder_geometry(e).num_tokens for e in model.encoders)  # no build
     assert (budget.tokenizer, budget.max_length, budget.template) == (tokenizer_dir, 64, model.template)
     budget = budget.model_copy(update={"num_image_tokens": 8, "template": "plain"})
-    records = [_record(0, "red", True), _record(1, LONG_ANSWER, False), _record(2, LONG_ANSWER, True)]
-    for r in records:
+    records = [_record(0, "red", True), _record(1, LONG_ANSWER, False), _record(2, LONG_ANSWER, True),
+               _record(3, "red", True)]
+    images, output = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for r in records[:3]:
         if "image" in r:
-            Image.new("RGB", (8, 8)).save(tmp_path / r["image"])
-    table = pa.table({"image": [r.get("image", "") for r in records], "record": [json.dumps(r) for r in records]})
-    out = _inspect_images(table, str(tmp_path), 10**6, budget.model_dump())
-    assert out.column("budget_status").to_pylist() == ["ok", "truncated", "truncated"]
-    assert out.column("reason").to_pylist() == ["", "", ""]
-    without = _inspect_images(table, str(tmp_path), 10**6)
-    assert without.column("budget_status").to_pylist() == ["", "", ""]
+            Image.new("RGB", (8, 8)).save(images / r["image"])  # record 3's image is missing
+    rows = list(enumerate(records))
+    result = build_shard(0, rows, str(images), str(output), 10**6, None, budget.model_dump())
+    assert [v.reason for v in result.verdicts] == ["", "", "", "missing_image"]
+    assert result.budget_statuses == {"ok": 1, "truncated": 2}
+    roomy = budget.model_copy(update={"max_length": 4096}).model_dump()
+    again = build_shard(0, rows, str(images), str(output), 10**6, None, roomy)
+    assert again.reused and again.budget_statuses == {"ok": 3}
+    assert build_shard(0, rows, str(images), str(output), 10**6).budget_statuses == {}
 
 
 def test_sequence_budget_needs_a_tokenizer():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mocha.images import decode_rgb
 from mocha.train.data import collate, decode_row, sample_members
 from pipelines.features import decode_features
 from pipelines.validation import IMAGE_EXTENSIONS, image_member, inspect_image, open_rgb
@@ -76,7 +77,7 @@ def test_every_mix_of_formats_and_text_only_decodes_each_sample_to_its_own_image
         if kind == "text":
             assert ex.image is None
             continue
-        expected = Image.open(io.BytesIO(sample[kind])).convert("RGB")
+        expected = decode_rgb(sample[kind])  # the one decoding path (training, features, eval)
         assert ex.image.mode == "RGB" and ex.image.size == (12, 8)
         assert np.array_equal(np.asarray(ex.image), np.asarray(expected))
 
@@ -117,19 +118,40 @@ def test_jpeg_suffix_from_other_writers_is_an_image_member():
     assert image_member({"jpeg": blob, "jpg": math.nan}) == blob
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS.values()))
-def test_every_format_the_shard_job_accepts_opens_as_rgb(fmt):
-    blob = _image_bytes(fmt, (10, 20, 30))
-    assert IMAGE_EXTENSIONS[fmt] == inspect_image(blob).extension  # `mocha data shard` keeps it
-    assert open_rgb(blob).mode == "RGB"
-
-
-def test_transparent_gif_and_animated_gif_open_as_their_first_frame():
-    frames = [Image.new("P", (4, 4), i) for i in (1, 2)]
+def _mpo_bytes(colour: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], transparency=0)
-    image = open_rgb(buf.getvalue())
-    assert image.mode == "RGB" and image.size == (4, 4)
+    Image.new("RGB", (12, 8), colour).save(buf, format="MPO", save_all=True,
+                                           append_images=[Image.new("RGB", (12, 8), (0, 0, 255))])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", sorted(IMAGE_EXTENSIONS))
+def test_every_format_the_shard_job_accepts_is_an_image_member_and_opens_as_rgb(fmt):
+    colour = (51, 102, 153)  # in the web palette a GIF is quantised to
+    blob = _mpo_bytes(colour) if fmt == "MPO" else _image_bytes(fmt, colour)
+    ext = inspect_image(blob).extension
+    assert ext == IMAGE_EXTENSIONS[fmt]  # `mocha data shard` stores it under this suffix
+    assert image_member({"__key__": "k", "json": b"{}", ext: blob}, "k") == blob  # the trainer finds it there
+    image = open_rgb(blob)
+    assert image.mode == "RGB" and image.size == (12, 8)
+    assert np.abs(np.asarray(image, dtype=int) - colour).max() <= 8  # MPO: its first picture, not the blue one
+
+
+def test_transparent_gif_and_animated_gif_open_as_their_first_frame_over_white():
+    """Decoded the viewer's way (``mocha.images.decode_rgb``): transparent pixels over white,
+    not PIL ``convert("RGB")``'s palette colour; an animated GIF gives its first frame."""
+    first = Image.new("P", (4, 4), 1)
+    first.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30])
+    first.putpixel((0, 0), 0)  # palette index 0 is the transparent one
+    second = Image.new("P", (4, 4), 2)
+    second.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30])
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=[second], transparency=0)
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 2
+    image = np.asarray(open_rgb(buf.getvalue()))
+    assert image.shape == (4, 4, 3)
+    assert tuple(image[0, 0]) == (255, 255, 255)  # transparent: white, as a viewer shows it
+    assert tuple(image[3, 3]) == (200, 30, 30)  # opaque pixels of the first frame
 
 
 def test_undecodable_image_bytes_name_the_sample():
