@@ -16,6 +16,7 @@ real one:
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -167,8 +168,8 @@ def _require_sentencepiece(path_or_id: str | Path) -> None:
     if not (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
         return
     try:
-        import google.protobuf  # noqa: F401
-        import sentencepiece  # noqa: F401
+        for module in ("google.protobuf", "sentencepiece"):
+            importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"{folder} ships a SentencePiece tokenizer (tokenizer.model only, as Vicuna and Llama "
                           f"checkpoints do): install `sentencepiece` and `protobuf` ({e})") from None

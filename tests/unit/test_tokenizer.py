@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -145,3 +147,13 @@ def test_llm_pretrained_pointing_at_a_sentencepiece_checkpoint_trains(vicuna_fol
     out = model(ids, torch.ones_like(ids), torch.tensor([sample.labels]), features=features)
     assert torch.isfinite(out.loss)
     out.loss.backward()
+
+
+@pytest.mark.parametrize("missing", ["sentencepiece", "google.protobuf"])
+def test_sentencepiece_checkpoint_without_its_dependencies_names_them(tmp_path, monkeypatch, missing):
+    from mocha.text.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00")  # a folder shipping only tokenizer.model
+    monkeypatch.setitem(sys.modules, missing, None)  # `import <missing>` now raises ImportError
+    with pytest.raises(ImportError, match="install `sentencepiece` and `protobuf`"):
+        load_tokenizer(tmp_path)
