@@ -318,8 +318,11 @@ def _finish(cfg: ShardJobConfig, build: _Build, reader: InputReader, num_records
                              f"see {storage.join_url(cfg.output, QUARANTINE_NAME)}. No manifest was written.")
     manifest = _manifest(cfg, reader, accepted, shards, quarantine, reasons, num_records)
     if cfg.sequence_budget is not None:
-        manifest["sequence_budget"] = manifest_entry(cfg.sequence_budget,
-                                                     sum((Counter(r.budget_statuses) for r in results), Counter()))
+        statuses = sum((Counter(r.budget_statuses) for r in results), Counter())
+        if sum(statuses.values()) != len(accepted):
+            raise RuntimeError(f"internal error: {sum(statuses.values())} samples counted against the sequence "
+                               f"budget != {len(accepted)} accepted")
+        manifest["sequence_budget"] = manifest_entry(cfg.sequence_budget, statuses)
         line, warn = budget_report(manifest)
         if warn:
             print(line, file=sys.stderr, flush=True)

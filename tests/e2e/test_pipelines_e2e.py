@@ -159,28 +159,33 @@ def test_features_local_bit_identical_aligned_and_resumable(local_run, dataset, 
 
     # Aligned one-to-one, every sample's features equal the in-process encoders on the same batch
     # with the same intra-op threads (the actor holds 1 CPU, so Ray gives it 1 thread; float sums
-    # are ordered differently with another thread count).
-    import io
-
+    # are ordered differently with another thread count). The images go through what the model
+    # does online: the viewer-RGB decode, the shared pad to a square, each encoder's preprocess.
     import torch
-    from PIL import Image
+
+    from mocha.model.encoders import expand_to_square
+    from pipelines.validation import image_member, open_rgb
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
+    non_square = 0
     for shard in manifest.shards:
         src = list(wds.WebDataset(str(Path(cfg.output) / shard.name), shardshuffle=False))
         feats = list(wds.WebDataset(str(tmp_path / "features" / shard.name), shardshuffle=False))
         assert [s["__key__"] for s in src] == [s["__key__"] for s in feats]
-        with_image = [(s, f) for s, f in zip(src, feats) if s.get("png") or s.get("jpg")]
+        with_image = [(s, f) for s, f in zip(src, feats) if image_member(s) is not None]
         for start in range(0, len(with_image), 16):
             batch = with_image[start:start + 16]
-            pil = [Image.open(io.BytesIO(s.get("png") or s["jpg"])).convert("RGB") for s, _ in batch]
+            pil = [open_rgb(image_member(s)) for s, _ in batch]
+            non_square += sum(im.width != im.height for im in pil)
+            pil = [expand_to_square(im) for im in pil] if model.pad_to_square else pil
             for kind, enc in encoders.items():
                 ref = enc(torch.stack([enc.preprocess(im) for im in pil])).numpy()
                 for row, (_, f) in enumerate(batch):
                     assert np.array_equal(decode_features(f)[kind], ref[row]) and decode_features(f)[kind].dtype == np.float32
         assert all(s["json"] == f["json"] for s, f in zip(src, feats))
+    assert model.pad_to_square and non_square > 0  # the shared pad to a square was exercised
 
     assert not (tmp_path / "features" / "_progress").exists()
     before = tree_digest(tmp_path / "features")
