@@ -151,9 +151,8 @@ def pretrain_encoders(encoders: list[EncoderConfig], tokenizer: PreTrainedTokeni
     rng = np.random.default_rng(cfg.seed)
     models: dict[str, VisionEncoder] = {e.kind: build_encoder(e) for e in encoders}
     images, captions = _load_pairs(captions_file, image_dir)
-    if len(images) < 2:
-        raise ValueError(f"{captions_file} has {len(images)} image-caption pairs; contrastive training needs at least 2")
-    batch_size = min(cfg.batch_size, len(images))  # a small dataset: every pair in every batch
+    if len(images) < cfg.batch_size:
+        raise ValueError(f"{captions_file} has {len(images)} image-caption pairs, fewer than batch_size={cfg.batch_size}")
     pixels = {kind: torch.stack([enc.preprocess(im) for im in images]) for kind, enc in models.items()}
     encoded = [tokenizer(c, add_special_tokens=False).input_ids for c in captions]
     lengths = torch.tensor([len(ids) for ids in encoded])
@@ -179,7 +178,7 @@ def pretrain_encoders(encoders: list[EncoderConfig], tokenizer: PreTrainedTokeni
     losses: list[float] = []
     progress = tqdm(range(cfg.steps), desc="pre-training the tiny encoders (image-caption contrastive)", unit="step")
     for step in progress:
-        batch = torch.from_numpy(rng.choice(len(images), size=batch_size, replace=False))
+        batch = torch.from_numpy(rng.choice(len(images), size=cfg.batch_size, replace=False))
         caption_vectors = text(ids[batch], lengths[batch])
         same = object_ids[batch][:, None] == object_ids[batch][None, :]
         loss = sum(contrastive_loss(heads[kind](enc.tokens(pixels[kind][batch])), caption_vectors, same, logit_scale)
@@ -199,7 +198,7 @@ def pretrain_encoders(encoders: list[EncoderConfig], tokenizer: PreTrainedTokeni
     for kind, enc in models.items():
         enc.model.requires_grad_(False)
         enc.model.save_pretrained(out_dir / kind)
-    record = {"key": key, "steps": cfg.steps, "batch_size": batch_size, "seconds": round(seconds, 1),
+    record = {"key": key, "steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(seconds, 1),
               "first_loss": round(losses[0], 4), "final_loss": round(float(np.mean(losses[-25:])), 4),
               "pairs": len(images), "config": cfg.model_dump()}
     record_path.write_text(json.dumps(record, indent=2))

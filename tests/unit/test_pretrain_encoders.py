@@ -76,20 +76,6 @@ def test_pretraining_saves_loadable_encoders_that_separate_objects_and_is_reused
     assert other[0].pretrained != cfgs[0].pretrained  # other weights, other directory (feature hashes differ)
 
 
-def test_pretraining_needs_two_pairs_and_takes_smaller_batches_from_small_datasets(data, tmp_path):
-    paths, tokenizer_dir, tokenizer = data
-    records = json.loads(paths.stage1.read_text())
-    few = tmp_path / "few.json"
-    few.write_text(json.dumps(records[:1]))
-    clip = [c for c in tiny_encoder_configs() if c.kind == "clip"]
-    with pytest.raises(ValueError, match="at least 2"):
-        pretrain_encoders(clip, tokenizer, tokenizer_dir, few, paths.image_dir, tmp_path, EncoderPretrainConfig(steps=1))
-    few.write_text(json.dumps(records[:5]))
-    _, record = pretrain_encoders(clip, tokenizer, tokenizer_dir, few, paths.image_dir, tmp_path,
-                                  EncoderPretrainConfig(steps=2, batch_size=64))
-    assert record["batch_size"] == 5 and record["pairs"] == 5
-
-
 def test_pretraining_refuses_already_pretrained_encoders(data, tmp_path):
     paths, tokenizer_dir, tokenizer = data
     cfgs = [c.model_copy(update={"pretrained": "openai/clip-vit-large-patch14-336"}) if c.kind == "clip" else c
