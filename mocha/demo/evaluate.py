@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from mocha.demo.synthetic import DatasetPaths
-from mocha.text.conversation import IMAGE_TOKEN
+
+#: The demo's questions are asked exactly as its stage-2 conversations ask them (no
+#: "Answer ... single word" suffix, which the tiny model never saw).
+DEMO_SUFFIX = ""
+
 
 def _answerer(model, tokenizer):
-    """Questions are asked as LLaVA-1.5 asks POPE and MME: the question, then "Answer the
-    question using a single word or phrase." (the stage-2 short-answer VQA form)."""
-    from mocha.eval.runner import SHORT_ANSWER_SUFFIX, AnswerOptions, VisualQuestionAnswerer
+    from mocha.eval.runner import AnswerOptions, VisualQuestionAnswerer
 
-    return VisualQuestionAnswerer(model, tokenizer, AnswerOptions(suffix=SHORT_ANSWER_SUFFIX, max_new_tokens=6,
-                                                                  batch_size=32, model_id="mocha-demo"))
+    return VisualQuestionAnswerer(model, tokenizer, AnswerOptions(suffix=DEMO_SUFFIX, max_new_tokens=6, batch_size=32,
+                                                                  model_id="mocha-demo"))
 
 
 def load_or_build(export_dir: str | None, model_config=None, tokenizer_dir=None, seed: int = 0):
@@ -34,35 +36,13 @@ def load_or_build(export_dir: str | None, model_config=None, tokenizer_dir=None,
     return MochaModel(model_config, vocab_size=len(tokenizer)).eval(), tokenizer
 
 
-def example_questions(paths: DatasetPaths, num_images: int = 4) -> list[dict[str, str]]:
-    """Questions for the report's page of examples: the short-answer VQA questions of the first
-    ``num_images`` held-out images (``stage2_eval.json``), each with its reference answer."""
-    records = [r for r in json.loads(Path(paths.stage2_eval).read_text()) if r["id"].endswith("_vqa")][:num_images]
-    return [{"image": r["image"], "question": human["value"].replace(f"{IMAGE_TOKEN}\n", ""), "reference": gpt["value"]}
-            for r in records for human, gpt in zip(r["conversations"][::2], r["conversations"][1::2])]
-
-
-def answer_examples(vqa, paths: DatasetPaths, examples: list[dict[str, str]]) -> list[str]:
-    """Each example question asked on its own about its image (greedy)."""
-    from PIL import Image
-
-    answers: list[str] = []
-    for start in range(0, len(examples), 32):
-        batch = examples[start:start + 32]
-        images = [Image.open(paths.image_dir / e["image"]).convert("RGB") for e in batch]
-        answers += vqa.answer_images(images, [vqa.question_prompt(e["question"]) for e in batch])
-    return answers
-
-
 def evaluate_model(export_dir: str | None, model_config, tokenizer_dir, paths: DatasetPaths, out_dir: Path,
-                   seed: int = 0, examples: list[dict[str, str]] = ()) -> dict[str, Any]:
-    """Answer and score POPE (3 splits) and MME, and answer ``examples``
-    (:func:`example_questions`); returns scores, headline numbers and the example answers."""
+                   seed: int = 0) -> dict[str, Any]:
+    """Answer and score POPE (3 splits) and MME; returns scores plus headline numbers."""
     from mocha.eval.suite import load_suite, run_suite
 
     model, tokenizer = load_or_build(export_dir, model_config, tokenizer_dir, seed)
     vqa = _answerer(model, tokenizer)
-    example_answers = answer_examples(vqa, paths, list(examples))
     suite = load_suite(pope=[paths.pope[s] for s in sorted(paths.pope)], mme=paths.mme_dir)
     scores = run_suite(suite, lambda questions: vqa.answer(questions, paths.image_dir, progress=True), out_dir)
     splits = scores["pope"]
@@ -70,5 +50,18 @@ def evaluate_model(export_dir: str | None, model_config, tokenizer_dir, paths: D
     mme_total = sum(t for t in scores["mme"]["totals"].values())
     per_split = ", ".join(f"{name} {split['accuracy']:.1%}" for name, split in splits.items())
     print(f"[demo] POPE accuracy {overall:.1%} ({per_split}); MME total {mme_total:.1f}")
-    return {"scores": scores, "pope_accuracy": overall, "mme_total": mme_total, "answers_dir": str(out_dir),
-            "example_answers": example_answers}
+    return {"scores": scores, "pope_accuracy": overall, "mme_total": mme_total, "answers_dir": str(out_dir)}
+
+
+def sample_answers(export_dir: str, paths: DatasetPaths, n: int = 4) -> list[dict[str, str]]:
+    """A few generated answers to held-out stage-2 questions, next to the reference answers."""
+    from PIL import Image
+
+    model, tokenizer = load_or_build(export_dir)
+    vqa = _answerer(model, tokenizer)
+    records = json.loads(Path(paths.stage2_eval).read_text())[:n]
+    images = [Image.open(paths.image_dir / r["image"]).convert("RGB") for r in records]
+    turns = [r["conversations"][0]["value"] for r in records]
+    answers = vqa.answer_images(images, turns)
+    return [{"image": r["image"], "question": t.replace("<image>\n", ""), "answer": a,
+             "reference": r["conversations"][1]["value"]} for r, t, a in zip(records, turns, answers)]

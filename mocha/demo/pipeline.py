@@ -1,19 +1,14 @@
 """The end-to-end demo on the embedded default: the real pipeline, small.
 
-1. generate the coloured-shapes dataset (LLaVA JSON + PNGs, POPE and MME files on held-out images);
+1. generate the coloured-shapes dataset (LLaVA JSON + PNGs, POPE and MME files);
 2. train a BPE tokenizer on its text (loaded back through ``AutoTokenizer``);
-3. pre-train the tiny encoders contrastively on the training images' captions
-   (:mod:`mocha.demo.pretrain_encoders`, the stand-in for CLIP/SigLIP/DINOv2/ConvNeXt
-   pre-training; loaded through ``EncoderConfig.pretrained`` and frozen from then on) and the
-   tiny LLM on text (:mod:`mocha.demo.pretrain_llm`, the stand-in for Phi-2's pre-training;
-   loaded through ``llm.pretrained``);
-4. ``mocha data shard`` -> ``mocha data features`` with the frozen encoders (Ray Data, local);
-5. stage 1 (captions) then stage 2 (the LLaVA-665K-shaped mix) with Ray Train + DeepSpeed
-   ZeRO-2 on 2 CPU workers, ``ep_size=2``, from the feature shards, with checkpoints;
-6. evaluate the model before and after MoCHA training on POPE and MME, asked as LLaVA-1.5 asks
-   them ("Answer the question using a single word or phrase."), and answer the example questions;
-7. write ``report.md`` with scores and plots and ``examples.md`` (held-out images, questions,
-   answers before and after training) next to checkpoints, metrics and the export.
+3. pre-train the tiny LLM on text (:mod:`mocha.demo.pretrain_llm`, the stand-in for Phi-2's
+   pre-training; the jobs load it through ``llm.pretrained``);
+4. ``mocha data shard`` -> ``mocha data features`` with the tiny encoders (Ray Data, local);
+5. stage 1 then stage 2 with Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, ``ep_size=2``, from
+   the feature shards, with checkpoints;
+6. evaluate the model before and after MoCHA training on POPE and MME, generate a few answers;
+7. write ``report.md`` with scores and plots next to checkpoints, metrics and the export.
 """
 
 from __future__ import annotations
@@ -26,19 +21,14 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from mocha.config import EncoderConfig, StrictModel
+from mocha.config import StrictModel
 from mocha.train.job import JobConfig
-
-#: Token budget of a training sample: 66 visual tokens plus the longest stage-2 record (~190).
-DEMO_MAX_LENGTH = 320
 
 
 class DemoConfig(StrictModel):
     out: str = Field(default="runs/demo", description="run directory")
     num_train: int = Field(default=768, ge=16, description="training images (each gives a caption and a conversation)")
     num_eval: int = Field(default=64, ge=8, description="held-out images for POPE / MME")
-    encoder_pretrain_steps: int = Field(default=300, ge=0, description="contrastive image-caption pre-training steps "
-                                        "of the tiny encoders (0: they stay random, as frozen encoders never learn)")
     llm_pretrain_steps: int = Field(default=1000, ge=0, description="text pre-training steps of the tiny LLM "
                                     "(0: MoCHA training starts from a random LLM, which stage 1 cannot align to)")
     stage1_steps: int = Field(default=300, ge=1)
@@ -53,23 +43,19 @@ class DemoConfig(StrictModel):
     num_cpus: int = Field(default=2, ge=1, description="CPUs given to the local Ray")
 
 
-def demo_model_config(cfg: DemoConfig, template: str, llm_dir: str | Path | None = None,
-                      encoders: list[EncoderConfig] | None = None):
+def demo_model_config(cfg: DemoConfig, template: str, llm_dir: str | Path | None = None):
     """The demo's tiny MoCHA. ``llm_dir``: the text-pre-trained LLM (``save_pretrained`` form)
-    to load instead of building the random one described here; ``encoders``: the pre-trained
-    tiny encoders (:func:`mocha.demo.pretrain_encoders.pretrain_encoders`) instead of random ones."""
-    from mocha.model.tiny import tiny_encoder_configs, tiny_model_config
+    to load instead of building the random one described here."""
+    from mocha.model.tiny import tiny_model_config
 
-    encoders = tiny_encoder_configs() if encoders is None else encoders
     if llm_dir is not None:
-        return tiny_model_config(llm={"family": "phi", "pretrained": str(llm_dir)}, template=template,
-                                 max_length=DEMO_MAX_LENGTH, encoders=encoders)
+        return tiny_model_config(llm={"family": "phi", "pretrained": str(llm_dir)}, template=template, max_length=256)
     llm = {"family": "phi", "config": {"vocab_size": 1024, "hidden_size": cfg.width, "intermediate_size": 4 * cfg.width,
                                        "num_hidden_layers": cfg.layers, "num_attention_heads": 4,
                                        "num_key_value_heads": 4, "max_position_embeddings": 512,
                                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                                        "resid_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}}
-    return tiny_model_config(llm=llm, template=template, max_length=DEMO_MAX_LENGTH, encoders=encoders)
+    return tiny_model_config(llm=llm, template=template, max_length=256)
 
 
 def pretrained_llm_dir(cfg: DemoConfig, root: Path) -> Path | None:
@@ -77,15 +63,12 @@ def pretrained_llm_dir(cfg: DemoConfig, root: Path) -> Path | None:
     return root / "llm" if cfg.llm_pretrain_steps else None
 
 
-def demo_job(cfg: DemoConfig, stage: int, root: Path, init_from: str | None = None,
-             encoders: list[EncoderConfig] | None = None) -> JobConfig:
-    """The job spec of one demo stage (also written to ``<out>/jobs/stage{N}.yaml``);
-    ``encoders``: the pre-trained tiny encoders (None: random ones)."""
+def demo_job(cfg: DemoConfig, stage: int, root: Path, init_from: str | None = None) -> JobConfig:
+    """The job spec of one demo stage (also written to ``<out>/jobs/stage{N}.yaml``)."""
     data = root / "data" / f"stage{stage}"
-    model = demo_model_config(cfg, "plain" if stage == 1 else "phi", pretrained_llm_dir(cfg, root), encoders)
     return JobConfig.model_validate({
         "stage": stage,
-        "model": model.model_dump(),
+        "model": demo_model_config(cfg, "plain" if stage == 1 else "phi", pretrained_llm_dir(cfg, root)).model_dump(),
         "tokenizer": str(root / "tokenizer"),
         "init": {"trainable_from": init_from},
         "data": {"shards": str(data / "shards"), "features": str(data / "features"), "num_streams": cfg.workers},
@@ -108,10 +91,8 @@ def _step(msg: str) -> float:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import ray
 
-    from mocha.demo.evaluate import evaluate_model, example_questions
-    from mocha.demo.pretrain_encoders import EncoderPretrainConfig, pretrain_encoders
+    from mocha.demo.evaluate import evaluate_model, sample_answers
     from mocha.demo.pretrain_llm import LLMPretrainConfig, pretrain_llm
-    from mocha.model.tiny import tiny_encoder_configs
     from mocha.demo.synthetic import generate_shapes_dataset, iter_all_texts
     from mocha.text.tokenizer import train_bpe_tokenizer
     from mocha.train.launcher import fit
@@ -131,15 +112,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"[demo] tokenizer: {len(tokenizer)} tokens -> {root / 'tokenizer'}")
     timings["tokenizer_s"] = time.perf_counter() - t
 
-    encoders, encoder_pretraining = None, None
-    if cfg.encoder_pretrain_steps:
-        t = _step(f"3/7 pre-training the tiny encoders on the training images' captions ({cfg.encoder_pretrain_steps} "
-                  "steps; the stand-in for CLIP/SigLIP/DINOv2/ConvNeXt pre-training)")
-        encoders, encoder_pretraining = pretrain_encoders(
-            tiny_encoder_configs(), tokenizer, root / "tokenizer", paths.stage1, paths.image_dir, root / "encoders",
-            EncoderPretrainConfig(steps=cfg.encoder_pretrain_steps, seed=cfg.seed))
-        timings["encoder_pretrain_s"] = time.perf_counter() - t
-
     llm_dir = pretrained_llm_dir(cfg, root)
     llm_pretraining = None
     if llm_dir is not None:
@@ -158,8 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print(f"[demo] stage {stage} shards: {report.manifest['num_samples']} samples in {report.manifest['num_shards']} "
               f"shards, {report.manifest['num_quarantined']} quarantined")
         feats = build_features(FeatureJobConfig(shards=str(data / "shards"), output=str(data / "features"),
-                                                model=demo_model_config(cfg, "plain" if stage == 1 else "phi", llm_dir,
-                                                                        encoders),
+                                                model=demo_model_config(cfg, "plain" if stage == 1 else "phi", llm_dir),
                                                 batch_size=64))
         print(f"[demo] stage {stage} features: {feats.summary()}")
     timings["data_s"] = time.perf_counter() - t
@@ -167,33 +138,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     jobs_dir = root / "jobs"
     jobs_dir.mkdir(exist_ok=True)
     t = _step("5/7 evaluating the model before MoCHA training (baseline: same LLM, untrained connectors)")
-    examples = example_questions(paths)
-    untrained = evaluate_model(None, demo_model_config(cfg, "phi", llm_dir, encoders), root / "tokenizer", paths,
-                               root / "eval" / "untrained", seed=cfg.seed, examples=examples)
+    untrained = evaluate_model(None, demo_model_config(cfg, "phi", llm_dir), root / "tokenizer", paths, root / "eval" / "untrained",
+                               seed=cfg.seed)
     timings["eval_untrained_s"] = time.perf_counter() - t
 
     t = _step(f"6/7 training: stage 1 ({cfg.stage1_steps} steps) then stage 2 ({cfg.stage2_steps} steps), "
               f"{cfg.workers} workers, ZeRO-2, ep_size {cfg.ep_size}")
-    job1 = demo_job(cfg, 1, root, encoders=encoders)
+    job1 = demo_job(cfg, 1, root)
     (jobs_dir / "stage1.yaml").write_text(yaml.safe_dump(job1.model_dump(mode="json"), sort_keys=False))
     run1 = fit(job1)
-    job2 = demo_job(cfg, 2, root, init_from=run1.export_dir, encoders=encoders)
+    job2 = demo_job(cfg, 2, root, init_from=run1.export_dir)
     (jobs_dir / "stage2.yaml").write_text(yaml.safe_dump(job2.model_dump(mode="json"), sort_keys=False))
     run2 = fit(job2)
     timings["train_s"] = time.perf_counter() - t
 
-    t = _step("7/7 evaluating the trained model, answering the examples, writing the report")
-    trained = evaluate_model(run2.export_dir, None, None, paths, root / "eval" / "trained", seed=cfg.seed,
-                             examples=examples)
-    examples = [e | {"before": b, "after": a}
-                for e, b, a in zip(examples, untrained.pop("example_answers"), trained.pop("example_answers"))]
+    t = _step("7/7 evaluating the trained model, generating answers, writing the report")
+    trained = evaluate_model(run2.export_dir, None, None, paths, root / "eval" / "trained", seed=cfg.seed)
+    answers = sample_answers(run2.export_dir, paths, n=4)
     timings["eval_trained_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     from mocha.demo.report import write_demo_report
 
-    summary = {"untrained": untrained, "trained": trained, "examples": examples, "timings": timings,
-               "llm_pretraining": llm_pretraining, "encoder_pretraining": encoder_pretraining,
+    summary = {"untrained": untrained, "trained": trained, "answers": answers, "timings": timings,
+               "llm_pretraining": llm_pretraining,
                "config": cfg.model_dump(), "runs": {"stage1": run1.run_dir, "stage2": run2.run_dir},
                "export": run2.export_dir}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

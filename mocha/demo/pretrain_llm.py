@@ -17,11 +17,7 @@ the same generator the dataset uses, with a different seed) written as a line of
   caption), or
 - a multi-turn conversation about it in the stage-2 template: existence, colour, shape and count
   questions (:func:`mocha.demo.synthetic.instruction_turns`), the description standing where
-  the image goes, or
-- a short-answer VQA record of the stage-2 mix (:func:`mocha.demo.synthetic.short_answer_turns`:
-  yes/no existence, colour, count and position questions and an open one, each ending with
-  LLaVA's "Answer the question using a single word or phrase."); here the description lists
-  the objects from left to right and says so, so that position questions can be answered.
+  the image goes.
 
 So the LLM learns to read a list of objects from its context and to describe it or answer
 questions about it: the skills a pre-trained LLM brings. Whether an object is in an *image* is
@@ -49,7 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mocha.config import LLMConfig, StrictModel
 from mocha.demo.synthetic import (ALL_OBJECT_NAMES, Scene, caption, existence_question, instruction_turns,
-                                  join_objects, sample_scene, short_answer_turns)
+                                  join_objects, sample_scene)
 from mocha.model.llm import build_llm
 from mocha.model.mocha import causal_lm_loss
 from mocha.text.conversation import IMAGE_TOKEN, tokenize_conversation
@@ -69,19 +65,15 @@ class LLMPretrainConfig(StrictModel):
     lr: float = Field(default=3e-3, gt=0)
     warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    caption_share: float = Field(default=0.3, ge=0, le=1, description="share of caption examples")
-    vqa_share: float = Field(default=0.4, ge=0, le=1, description="share of short-answer VQA examples (the rest: conversations)")
+    caption_share: float = Field(default=0.5, ge=0, le=1, description="share of caption examples (the rest: conversations)")
     template: str = Field(default="phi", description="conversation template of the stage-2 form")
     max_length: int = Field(default=256, gt=0)
     eval_questions: int = Field(default=256, ge=2, description="held-out yes/no questions scored at the end")
     seed: int = 0
 
 
-def describe(scene: Scene, rng: np.random.Generator, left_to_right: bool = False) -> str:
-    """The scene as one line of text, objects in random order (not the caption's left-to-right),
-    or from left to right when ``left_to_right`` (then it says so)."""
-    if left_to_right:
-        return f"In the image, from left to right: {join_objects([o.name for o in sorted(scene.objects, key=lambda o: o.centre_x)])}."
+def describe(scene: Scene, rng: np.random.Generator) -> str:
+    """The scene as one line of text, objects in random order (not the caption's left-to-right)."""
     return f"In the image: {join_objects([scene.objects[i].name for i in rng.permutation(len(scene.objects))])}."
 
 
@@ -107,14 +99,6 @@ class TextExamples:
         turns[0] = {**turns[0], "value": turns[0]["value"].replace(IMAGE_TOKEN, describe(scene, self.rng), 1)}
         return self.tokenize(turns)
 
-    def vqa_example(self) -> Example:
-        """A short-answer VQA record (:func:`mocha.demo.synthetic.short_answer_turns`); the
-        description lists the objects from left to right, so position questions are answerable."""
-        scene = self.scene()
-        turns = short_answer_turns(scene, self.rng)
-        turns[0] = {**turns[0], "value": turns[0]["value"].replace(IMAGE_TOKEN, describe(scene, self.rng, left_to_right=True), 1)}
-        return self.tokenize(turns)
-
     def tokenize(self, turns: list[dict[str, str]]) -> Example:
         t = tokenize_conversation(turns, self.tokenizer, self.cfg.template, max_length=self.cfg.max_length,
                                   num_image_tokens=0)
@@ -122,13 +106,7 @@ class TextExamples:
 
     def __iter__(self) -> Iterator[Example]:
         while True:
-            draw = self.rng.random()
-            if draw < self.cfg.caption_share:
-                yield self.caption_example()
-            elif draw < self.cfg.caption_share + self.cfg.vqa_share:
-                yield self.vqa_example()
-            else:
-                yield self.conversation_example()
+            yield self.caption_example() if self.rng.random() < self.cfg.caption_share else self.conversation_example()
 
     def existence_questions(self, n: int) -> list[tuple[Example, bool]]:
         """``n`` single-turn existence questions about described scenes, every other one answered yes."""

@@ -37,13 +37,13 @@ def write_demo_report(root: Path, summary: dict[str, Any]) -> Path:
          ["after stage 1 + stage 2", f"{after['pope_accuracy']:.1%}", f"{after['mme_total']:.1f}"]])
     cfg = summary["config"]
     timings = markdown_table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["timings"].items()])
-    examples_page = write_examples_page(root, paths, summary["examples"])
+    samples = markdown_table(["image", "question", "answer", "reference"],
+                             [[a["image"], a["question"], a["answer"], a["reference"]] for a in summary["answers"]])
     sections = [
         ReportSection("Summary",
                       f"Coloured-shapes demo: {cfg['num_train']} training images, {cfg['num_eval']} held out; "
                       f"stage 1 {cfg['stage1_steps']} steps, stage 2 {cfg['stage2_steps']} steps on {cfg['workers']} "
                       f"Ray Train workers (DeepSpeed ZeRO-2, ep_size {cfg['ep_size']}), LLM width {cfg['width']}. "
-                      + _encoder_sentence(summary.get("encoder_pretraining")) + " "
                       + _pretraining_sentence(summary.get("llm_pretraining")),
                       [headline]),
         *score_sections(after["scores"], "after stage 2"),
@@ -51,42 +51,10 @@ def write_demo_report(root: Path, summary: dict[str, Any]) -> Path:
         ReportSection("Training", "Loss curves per stage, then the fraction of tokens each connector expert "
                       "received at each step (top-1 routing), then the HGA gate per encoder group on held-out images.",
                       images=[plots[k] for k in ("losses", "expert_load", "hga_gates") if k in plots]),
-        ReportSection("Examples", f"Held-out images, their questions and the model's answers before and after MoCHA "
-                      f"training (greedy decoding): [{examples_page.name}]({examples_page.name})."),
+        ReportSection("Generated answers", "Greedy decoding on held-out images.", [samples]),
         ReportSection("Timings", "", [timings]),
     ]
     return write_report(root, *sections, title="MoCHA demo report")
-
-
-EXAMPLES_NAME = "examples.md"
-
-
-def write_examples_page(root: Path, paths, examples: list[dict[str, str]]) -> Path:
-    """``examples.md`` next to ``report.md``: per held-out image, the image and a table of its
-    questions with the reference answer and the answers before and after MoCHA training."""
-    from mocha.eval.runner import SHORT_ANSWER_SUFFIX
-    from mocha.report.report import ReportSection, render_report
-    from mocha.report.tables import markdown_table
-
-    sections = []
-    for image in dict.fromkeys(e["image"] for e in examples):
-        rows = [[e["question"].removesuffix(SHORT_ANSWER_SUFFIX), e["reference"], e["before"], e["after"]]
-                for e in examples if e["image"] == image]
-        right = sum(e["after"] == e["reference"] for e in examples if e["image"] == image)
-        sections.append(ReportSection(image, f"{right} of {len(rows)} answered as the reference after training.",
-                                      [markdown_table(["question", "reference", "before training", "after training"], rows)],
-                                      [paths.image_dir / image]))
-    path = root / EXAMPLES_NAME
-    path.write_text(render_report(root, *sections, title="MoCHA demo: examples on held-out images"), encoding="utf-8")
-    return path
-
-
-def _encoder_sentence(record: dict[str, Any] | None) -> str:
-    if record is None:
-        return "The frozen encoders kept their random weights."
-    return (f"The tiny encoders were first pre-trained contrastively on the training images' captions ({record['steps']} "
-            f"steps, {record['seconds']:.0f} s; the stand-in for CLIP/SigLIP/DINOv2/ConvNeXt pre-training; loss "
-            f"{record['first_loss']:.2f} -> {record['final_loss']:.2f}), then frozen.")
 
 
 def _pretraining_sentence(record: dict[str, Any] | None) -> str:

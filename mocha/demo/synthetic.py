@@ -17,17 +17,10 @@ image folder LLaVA's loaders take separately)::
     stage1.json     LLaVA JSON list, one caption per training image (``plain`` template):
                     {"id": "train_00000", "image": "train_00000.png", "conversations":
                      [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red circle and a blue square."}]}
-    stage2.json     LLaVA JSON list, the stage-2 mix shaped like LLaVA-665K, two records per
-                    training image (ids ``<image stem>_vqa`` and ``<image stem>_chat``):
-                    - short-answer VQA (as 665K's VQAv2/GQA part): yes/no questions of the
-                      MME kinds (existence, colour, count, position) in Yes/No pairs, and one
-                      open question, each ending "Answer the question using a single word or
-                      phrase." and answered by one word ("Yes", "No", "Red", "Circle", "2");
-                    - a conversation with full-sentence answers (existence, colour, shape,
-                      count; at least one "Yes." and one "No.") or, for one image in three, a
-                      caption asked for in words ("Describe the image briefly.").
-                    The first human value of a record starts "<image>\\n".
-    stage2_eval.json the same for the held-out images (the report's examples page).
+    stage2.json     LLaVA JSON list, multi-turn instructions per training image: colour, shape,
+                    count and yes/no existence questions (at least one "Yes." and one "No."
+                    existence question per image); the first human value starts "<image>\\n".
+    stage2_eval.json the same for the held-out images (held-out loss, generation examples).
     pope_random.jsonl, pope_popular.jsonl, pope_adversarial.jsonl
                     POPE question files (official format), one JSON object per line:
                     {"question_id": 0, "image": "eval_00000.png", "text": "Is there a red circle in the image?", "label": "yes"}
@@ -76,12 +69,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUND: tuple[int, int, int] = (245, 245, 245)
 POPE_STRATEGIES: tuple[str, ...] = ("random", "popular", "adversarial")
 MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "color", "position")
-#: LLaVA-1.5's instruction for short answers (its 665K mix and its POPE/MME question files).
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
-#: MME's own ending of every question.
-MME_SUFFIX = " Please answer yes or no."
-CAPTION_REQUEST = "Describe the image briefly."
-VQA_PAIRS = 3  # yes/no question pairs per short-answer record (of the 3-4 kinds an image has)
 
 _SPLIT_IDS = {"train": 0, "eval": 1}
 _MIN_SIZE, _MAX_SIZE = 0.22, 0.34  # object size as a fraction of the image side
@@ -302,85 +289,38 @@ def pope_questions(scenes: Sequence[Scene], strategy: str, rng: np.random.Genera
     return questions
 
 
-def _count_question(n: int, where: str = "this image") -> str:
-    return f"{'Is' if n == 1 else 'Are'} there {_plural(n, 'shape')} in {where}?"
-
-
-def yes_no_pairs(scene: Scene, rng: np.random.Generator, where: str = "this image") -> dict[str, tuple[str, str]]:
-    """Per question kind (the MME subtasks: existence, count, color, position), a pair of
-    questions about ``scene``, the first answered "Yes" and the second "No", phrased with
-    ``where`` ("this image" as MME does, "the image" as POPE does). Position only when two
-    objects are horizontally separated; either object can be its subject, so the side word
-    alone never gives the answer."""
-    pairs: dict[str, tuple[str, str]] = {}
-    present = scene.objects[int(rng.integers(len(scene.objects)))]
-    pairs["existence"] = (f"Is there a {present.name} in {where}?", f"Is there a {_absent_object(scene, rng)} in {where}?")
-    count = len(scene.objects)
-    wrong = [n for n in range(1, 5) if n != count][int(rng.integers(3))]
-    pairs["count"] = (_count_question(count, where), _count_question(wrong, where))
-    colours_present = sorted({o.colour for o in scene.objects})
-    colours_absent = [c for c in COLOURS if c not in colours_present]
-    yes_colour = colours_present[int(rng.integers(len(colours_present)))]
-    no_colour = colours_absent[int(rng.integers(len(colours_absent)))]
-    pairs["color"] = (f"Is there a {yes_colour} object in {where}?", f"Is there a {no_colour} object in {where}?")
-    by_x = sorted(scene.objects, key=lambda o: o.centre_x)
-    left, right = by_x[0], by_x[-1]
-    if len(by_x) > 1 and left.box[2] < right.box[0]:  # strictly separated horizontally
-        subject, other, side, wrong_side = ((left, right, "left", "right") if rng.random() < 0.5
-                                            else (right, left, "right", "left"))
-        pairs["position"] = (f"Is the {subject.name} on the {side} of the {other.name}?",
-                             f"Is the {subject.name} on the {wrong_side} of the {other.name}?")
-    return pairs
+def _count_question(n: int) -> str:
+    return f"{'Is' if n == 1 else 'Are'} there {_plural(n, 'shape')} in this image?"
 
 
 def mme_questions(scenes: Sequence[Scene], rng: np.random.Generator) -> dict[str, list[tuple[str, str, str]]]:
     """MME-style paired questions per subtask: for each image (image, question, "Yes") then
     (image, question, "No")."""
+    suffix = " Please answer yes or no."
     subtasks: dict[str, list[tuple[str, str, str]]] = {name: [] for name in MME_SUBTASKS}
     for scene in scenes:
-        for subtask, (yes, no) in yes_no_pairs(scene, rng).items():
-            subtasks[subtask] += [(scene.image, yes + MME_SUFFIX, "Yes"), (scene.image, no + MME_SUFFIX, "No")]
+        def pair(subtask: str, yes: str, no: str) -> None:
+            subtasks[subtask] += [(scene.image, yes + suffix, "Yes"), (scene.image, no + suffix, "No")]
+
+        present = scene.objects[int(rng.integers(len(scene.objects)))]
+        pair("existence", f"Is there a {present.name} in this image?", f"Is there a {_absent_object(scene, rng)} in this image?")
+        count = len(scene.objects)
+        wrong = [n for n in range(1, 5) if n != count][int(rng.integers(3))]
+        pair("count", _count_question(count), _count_question(wrong))
+        colours_present = sorted({o.colour for o in scene.objects})
+        colours_absent = [c for c in COLOURS if c not in colours_present]
+        yes_colour = colours_present[int(rng.integers(len(colours_present)))]
+        no_colour = colours_absent[int(rng.integers(len(colours_absent)))]
+        pair("color", f"Is there a {yes_colour} object in this image?", f"Is there a {no_colour} object in this image?")
+        by_x = sorted(scene.objects, key=lambda o: o.centre_x)
+        left, right = by_x[0], by_x[-1]
+        if len(by_x) > 1 and left.box[2] < right.box[0]:  # strictly separated horizontally
+            # either object can be the subject, so the side word alone does not give the answer
+            subject, other, side, wrong = ((left, right, "left", "right") if rng.random() < 0.5
+                                           else (right, left, "right", "left"))
+            pair("position", f"Is the {subject.name} on the {side} of the {other.name}?",
+                 f"Is the {subject.name} on the {wrong} of the {other.name}?")
     return subtasks
-
-
-def short_answer_turns(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
-    """A LLaVA-665K-style short-answer VQA record (as its VQAv2/GQA entries are): every
-    question ends with :data:`SHORT_ANSWER_PROMPT` and is answered by one word.
-
-    Yes/no questions of :data:`VQA_PAIRS` of the kinds (:func:`yes_no_pairs`, phrased "the
-    image" or "this image" at random, half of them also asking "Please answer yes or no.") come
-    in pairs, so "Yes" and "No" are exactly balanced; one open question (colour of a shape,
-    shape of a colour, or the object count) is added. The order is shuffled."""
-    where = ("the image", "this image")[int(rng.integers(2))]
-    pairs = list(yes_no_pairs(scene, rng, where).values())
-    pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=min(len(pairs), VQA_PAIRS), replace=False))]
-    questions = [(q, answer) for yes, no in pairs for q, answer in ((yes, "Yes"), (no, "No"))]
-    questions = [(q + MME_SUFFIX if rng.random() < 0.5 else q, answer) for q, answer in questions]
-    shapes = Counter(o.shape for o in scene.objects)
-    colours = Counter(o.colour for o in scene.objects)
-    open_questions = [("How many shapes are in the image?", str(len(scene.objects)))]
-    open_questions += [(f"What colour is the {o.shape}?", o.colour.capitalize()) for o in scene.objects if shapes[o.shape] == 1]
-    open_questions += [(f"What shape is the {o.colour} object?", o.shape.capitalize()) for o in scene.objects
-                       if colours[o.colour] == 1]
-    questions.append(open_questions[int(rng.integers(len(open_questions)))])
-    turns: list[dict[str, str]] = []
-    for position, i in enumerate(rng.permutation(len(questions))):
-        question, answer = questions[i]
-        prefix = f"{IMAGE_TOKEN}\n" if position == 0 else ""
-        turns += [{"from": "human", "value": f"{prefix}{question}\n{SHORT_ANSWER_PROMPT}"}, {"from": "gpt", "value": answer}]
-    return turns
-
-
-def caption_request_turns(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
-    """A caption asked for in words (the stage-2 form of a caption)."""
-    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_REQUEST}"}, {"from": "gpt", "value": caption(scene, rng)}]
-
-
-def stage2_records(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """The stage-2 mix for one image, shaped like LLaVA-665K: a short-answer VQA record, and
-    either a conversation (two images in three) or a caption request."""
-    second = instruction_turns(scene, rng) if rng.random() < 2 / 3 else caption_request_turns(scene, rng)
-    return [_llava_record(scene, short_answer_turns(scene, rng), "vqa"), _llava_record(scene, second, "chat")]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -411,9 +351,8 @@ def _make_split(
     return scenes
 
 
-def _llava_record(scene: Scene, conversations: list[dict[str, str]], kind: str | None = None) -> dict:
-    key = Path(scene.image).stem if kind is None else f"{Path(scene.image).stem}_{kind}"
-    return {"id": key, "image": scene.image, "conversations": conversations}
+def _llava_record(scene: Scene, conversations: list[dict[str, str]]) -> dict:
+    return {"id": Path(scene.image).stem, "image": scene.image, "conversations": conversations}
 
 
 def generate_shapes_dataset(
@@ -444,10 +383,10 @@ def generate_shapes_dataset(
         _llava_record(s, [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption(s, rng)}])
         for s, rng in train
     ]
-    stage2 = [record for s, rng in train for record in stage2_records(s, rng)]
+    stage2 = [_llava_record(s, instruction_turns(s, rng)) for s, rng in train]
     _write_json(paths.stage1, stage1)
     _write_json(paths.stage2, stage2)
-    _write_json(paths.stage2_eval, [record for s, rng in held_out for record in stage2_records(s, rng)])
+    _write_json(paths.stage2_eval, [_llava_record(s, instruction_turns(s, rng)) for s, rng in held_out])
 
     eval_scenes = [s for s, _ in held_out]
     for i, strategy in enumerate(POPE_STRATEGIES):

@@ -337,12 +337,6 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:
         """``[B, 3, S, S]`` -> ``[B, num_tokens, hidden_size]`` in the model's dtype."""
-        return self.tokens(pixel_values)
-
-    def tokens(self, pixel_values: Tensor) -> Tensor:
-        """What :meth:`forward` returns, with autograd left as the caller has it: pre-training
-        the encoder itself (the demo's stand-in for CLIP/SigLIP/DINOv2/ConvNeXt pre-training,
-        :mod:`mocha.demo.pretrain_encoders`) differentiates through the selected tokens."""
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"{self.kind}: expected pixel_values [B, 3, {self.image_size}, {self.image_size}], "
                              f"got {list(pixel_values.shape)}")
