@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_reduced_demo_learns_and_writes_its_report(ray_cluster, tmp_path):
     from mocha.demo.pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=str(tmp_path / "demo"), num_train=384, num_eval=24, llm_pretrain_steps=500,
+    cfg = DemoConfig(out=str(tmp_path / "demo"), num_train=384, num_eval=24, llm_pretrain_steps=1000,
                      stage1_steps=120, stage2_steps=220, global_batch_size=16)
     summary = run_demo(cfg)
     root = Path(cfg.out)
