@@ -87,7 +87,9 @@ def _feature_job(shards: Path, output: Path, encoder_cfg, batch_size: int):
 
 
 def _decoded_images(shards: Path) -> list:
-    """Every image of a shard set in shard order, decoded as the feature job decodes them."""
+    """Every image of a shard set in shard order, decoded and padded to a square as the feature job
+    does (``ModelConfig.pad_to_square``, on by default)."""
+    from mocha.model.encoders import expand_to_square
     from pipelines.tar_shards import iter_tar_samples
     from pipelines.validation import image_member, open_rgb
 
@@ -97,7 +99,7 @@ def _decoded_images(shards: Path) -> list:
             data = image_member(members, key)
             if data is None:
                 raise ValueError(f"sample {key} of {tar} has no image member")
-            images.append(open_rgb(data, key))
+            images.append(expand_to_square(open_rgb(data, key)))
     return images
 
 

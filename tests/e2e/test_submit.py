@@ -101,7 +101,7 @@ def _run(cmd, head, cwd, timeout=420):
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(json.loads((d / "state.json").read_text())["extra_state"]["step"]
-                  for d in run_dir.glob("checkpoint_*") if d.is_dir())
+                  for d in run_dir.glob("checkpoints/step-*") if (d / "state.json").exists())
 
 
 def test_ray_job_submit_runs_the_executable_job_file(head, project):

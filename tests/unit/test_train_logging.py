@@ -27,7 +27,8 @@ def test_step_line_is_logged_once_and_not_printed(caplog, capsys):
     m = StepMetrics()
     m.loss, m.lm_loss, m.samples, m.tokens = 1.5, 1.5, 2, 10
     with caplog.at_level(logging.INFO, logger="mocha.train.metrics"):
-        MetricsLog(job, rank=0).step_record(job.schedule.log_every, m, 1, 0.1, 0.0, 1e-3)
+        layout = {"world_size": 1, "ep_size": 1, "grad_accum": 1}
+        MetricsLog(job, rank=0).step_record(job.schedule.log_every, m, layout, 0.1, 0.0, 1e-3)
     lines = [r.getMessage() for r in caplog.records if r.name == "mocha.train.metrics"]
     assert len(lines) == 1 and lines[0].startswith("[mocha] stage 1 step 1: loss 1.5000")
     assert capsys.readouterr().out == ""
