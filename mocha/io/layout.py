@@ -23,7 +23,7 @@ module in brackets writes; readers import the names from here, never spell them 
 
 **Run directory** (``mocha train``; ``mocha.train``): ``<run.storage_path>/<run.name>/``::
 
-    checkpoints/step-XXXXXXXX/       training checkpoints (``CHECKPOINT_*`` below)
+    checkpoints/step-NNNNNNNN/       training checkpoints (``CHECKPOINT_*`` below)
     metrics.jsonl                    one JSON object per optimizer step, the whole run
     samples/step-00000500.jsonl      sample ledger: the sample ids each step consumed, one file per
                                      checkpoint interval (``mocha.train.ledger``)
