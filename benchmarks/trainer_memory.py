@@ -38,7 +38,7 @@ def model_config(size: str):
     from mocha.model.tiny import tiny_model_config
 
     if size == "tiny":
-        return tiny_model_config()
+        return tiny_model_config().model_copy(update={"template": "plain"})  # a stage-1 job
     encoders = real_encoder_configs()
     if size == "small":
         encoders = [e.model_copy(update={"config": _SHALLOW[e.kind]}) for e in encoders]
