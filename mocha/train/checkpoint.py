@@ -75,7 +75,7 @@ from mocha.io import storage
 from mocha.io.layout import (CHECKPOINT_INDEX_NAME, CHECKPOINT_RNG_NAME, CHECKPOINT_SHARDS_DIR, CHECKPOINT_STATE_NAME,
                              CHECKPOINTS_DIR)
 from mocha.io.tensor_files import TensorSpec, read_header, read_slice, write_tensors
-from mocha.parallel.expert import all_global_names, global_parameter_names
+from mocha.parallel.expert import all_global_names, global_expert_state_dict, global_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +578,5 @@ def export_trainable_state(model: nn.Module) -> dict[str, Tensor]:
     Collective when the model is expert-parallel (experts are gathered). Use it for the
     stage-1 -> stage-2 hand-off; the receiving model loads the keys exactly.
     """
-    from mocha.parallel.expert import global_expert_state_dict
-
     local = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return _to_cpu(global_expert_state_dict(model, local) if dist.is_initialized() else local)

@@ -328,9 +328,8 @@ def save(run: Run, state: TrainState, record: dict, final: bool) -> None:
     if run.rank == 0:
         run.metrics.write(url)  # before the marker: a complete checkpoint has its history
     stats = ckpt.save_checkpoint(run.engine, run.model, url, state.to_dict())
-    record.update(stats.as_metrics())
+    record.update(stats.as_metrics())  # on rank 0 this is the history's last record (MetricsLog.step_record)
     if run.rank == 0:
-        run.metrics.records[-1].update(stats.as_metrics())
         run.metrics.write()  # the run's metrics.jsonl with this save's cost
         log.info(f"[mocha] checkpoint step {state.step}: {stats.bytes / 1e6:,.1f} MB in {stats.seconds:.1f} s "
                  f"({stats.bytes / 1e6 / max(stats.seconds, 1e-9):,.0f} MB/s, largest shard "
