@@ -2,7 +2,7 @@
 
 The driver streams the input (:class:`~pipelines.records.InputReader`, one record at a time),
 cuts it into *chunks* of ``samples_per_shard`` consecutive records and hands each chunk to a Ray
-task (:func:`pipelines.shard_task.build_shard`) that checks every record and image and writes
+task (:func:`pipelines.shard_task.build_shard`, the chunk sent as one JSON document) that checks every record and image and writes
 the accepted samples straight into shard ``shard-NNNNNN.tar`` (chunk ``N``): each image is
 read, checked and written once. At most ``concurrency`` tasks are in flight (default: the
 cluster's CPUs), so driver and object-store memory stay flat however large the input is.
@@ -49,7 +49,7 @@ from pipelines.records import InputReader
 from pipelines.sequence_budget import SequenceBudget, budget_report, manifest_entry
 from mocha.io.layout import MANIFEST_NAME, PROGRESS_DIR, QUARANTINE_NAME
 from pipelines.shard_output import prepare_output, read_identity
-from pipelines.shard_task import FinishedShard, ShardResult, Verdict, build_shard
+from pipelines.shard_task import FinishedShard, ShardResult, Verdict, build_shard_from_json, encode_rows
 from pipelines.tar_shards import ShardInfo, marker_url, remove_markers, remove_stale_shards, sha256_of, shard_name
 from pipelines.validation import DEFAULT_MAX_PIXELS, Reason
 
@@ -129,7 +129,7 @@ class _Build:
         import ray
 
         self.ray, self.cfg, self.lock, self.bar = ray, cfg, lock, bar
-        self.task = ray.remote(build_shard).options(num_cpus=1)
+        self.task = ray.remote(build_shard_from_json).options(num_cpus=1)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # Two chunks per CPU in flight: a finished task's CPU gets the next chunk at once.
         self.window = cfg.concurrency or 2 * max(1, cpus)
@@ -165,7 +165,7 @@ class _Build:
             shards, rejected = self.finished
             hint = FinishedShard(shard=shards.get(shard_name(self.next_shard)),
                                  rejected={i: rejected[i] for i, _ in self.chunk if i in rejected})
-        ref = self.task.remote(self.next_shard, self.chunk, self.cfg.images, self.cfg.output, self.cfg.max_image_pixels,
+        ref = self.task.remote(self.next_shard, encode_rows(self.chunk), self.cfg.images, self.cfg.output, self.cfg.max_image_pixels,
                                hint, self.budget)
         self.in_flight[ref] = self.next_shard
         self.next_shard += 1

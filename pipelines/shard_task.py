@@ -25,6 +25,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
 from typing import Any
 
 from mocha.io import storage
@@ -116,6 +117,7 @@ def _reusable(output: str, name: str, plan_sha256: str, rows: list[tuple[int, An
     shard_url = storage.join_url(output, name)
     if shard is not None and (storage.file_size(shard_url) != shard["size"] or sha256_of(shard_url) != shard["sha256"]):
         return None
+    images.read_ahead(_image_fields(rows))
     for verdict, (index, value) in zip(verdicts, rows):
         if verdict.reason:  # still rejected for the same reason?
             again, _, _ = _check(index, value, images, max_pixels)
@@ -153,6 +155,7 @@ def _reusable_from_manifest(output: str, shard_id: int, plan_sha256: str, rows: 
     if storage.file_size(url) != shard["size"] or sha256_of(url) != shard["sha256"]:
         return None
     members = {name: hashlib.sha256(data).hexdigest() for name, data in iter_tar_members(url)}
+    reader.read_ahead(_image_fields(rows))
     verdicts = []
     for index, value in rows:
         verdict, _, data = _check_cheaply(index, value, reader, max_pixels, index in finished.rejected)
@@ -194,6 +197,18 @@ def _check_cheaply(index: int, value: Any, reader: RootReader, max_pixels: int,
     return verdict, "", data
 
 
+def encode_rows(rows: list[tuple[int, Any]]) -> bytes:
+    """A chunk as the driver sends it to its task: one JSON document. Ray passes bytes without
+    walking them (a list of parsed records costs the driver ~10x more to serialize), and the
+    records came from JSON, so they come back equal (NaN, lone surrogates and key order too)."""
+    return json.dumps(rows).encode("ascii")
+
+
+def build_shard_from_json(shard_id: int, rows_json: bytes, *args: Any) -> ShardResult:
+    """The Ray task: :func:`build_shard` on a chunk encoded by :func:`encode_rows`."""
+    return build_shard(shard_id, [(index, value) for index, value in json.loads(rows_json)], *args)
+
+
 def build_shard(shard_id: int, rows: list[tuple[int, Any]], images: str, output: str, max_pixels: int,
                 finished: FinishedShard | None = None, budget: dict[str, Any] | None = None) -> ShardResult:
     """Check ``rows`` and write (or verify and reuse) shard ``shard_id`` (runs as a Ray task).
@@ -212,12 +227,27 @@ def _build_or_reuse(shard_id: int, rows: list[tuple[int, Any]], images: str, out
                     finished: FinishedShard | None) -> ShardResult:
     name = shard_name(shard_id)
     plan_sha256 = plan_digest(rows, max_pixels)
-    reader = RootReader(images)  # one per task: folder real paths are cached for this chunk only
-    reused = _reusable(output, name, plan_sha256, rows, reader, max_pixels)
-    if reused is None and finished is not None:
-        reused = _reusable_from_manifest(output, shard_id, plan_sha256, rows, reader, max_pixels, finished)
-    if reused is not None and reused.shard_id == shard_id:
-        return reused
+    # One reader per task: folder real paths are cached for this chunk only; on S3 it reads the
+    # chunk's images ahead (the paths records name; a record rejected first is skipped).
+    with RootReader(images) as reader:
+        reused = _reusable(output, name, plan_sha256, rows, reader, max_pixels)
+        if reused is None and finished is not None:
+            reused = _reusable_from_manifest(output, shard_id, plan_sha256, rows, reader, max_pixels, finished)
+        if reused is not None and reused.shard_id == shard_id:
+            return reused
+        reader.read_ahead(_image_fields(rows))
+        return _write_shard(shard_id, name, plan_sha256, rows, reader, output, max_pixels)
+
+
+def _image_fields(rows: list[tuple[int, Any]]) -> Iterator[str]:
+    for _, value in rows:
+        image = value.get("image") if isinstance(value, dict) else None
+        if isinstance(image, str):
+            yield image
+
+
+def _write_shard(shard_id: int, name: str, plan_sha256: str, rows: list[tuple[int, Any]], reader: RootReader,
+                 output: str, max_pixels: int) -> ShardResult:
     url = storage.join_url(output, name)
     verdicts: list[Verdict] = []
     with write_tar_shard(url) as tar:

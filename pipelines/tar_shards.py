@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import tarfile
 from collections.abc import Collection, Iterator, Mapping
@@ -45,28 +44,43 @@ class ShardInfo:
     plan_sha256: str = ""  #: digest of the plan it was built from ("" in manifests before it was recorded)
 
 
-class _HashingWriter:
-    """File-like wrapper that counts and hashes what tarfile writes."""
+_BLOCK = tarfile.BLOCKSIZE  # 512: headers and member data are padded to it
+_RECORD = tarfile.RECORDSIZE  # 10240: the archive's length is padded to it, as tarfile does
+_NAME_BYTES = 100  # a USTAR name field; longer names go through tarfile (prefix split)
+_MAX_OCTAL_SIZE = 8**11  # the size field holds 11 octal digits
 
-    def __init__(self, out: BinaryIO):
-        self.out, self.sha256, self.size = out, hashlib.sha256(), 0
 
-    def write(self, data: bytes) -> int:
-        self.out.write(data)
-        self.sha256.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
+def _ustar_header(name: str, size: int) -> bytes:
+    """The USTAR header tarfile writes for a regular file with our fixed fields (mode 0644,
+    uid/gid 0, no owner names, mtime 0), built in one step instead of through a ``TarInfo``
+    (which costs more than checking and copying a small image). Names that do not fit the
+    100-byte field in ASCII, and sizes past 8 GiB, take tarfile's own path; a unit test checks
+    both paths give tarfile's bytes."""
+    encoded = name.encode("ascii", "ignore")
+    if len(encoded) != len(name) or len(encoded) > _NAME_BYTES or size >= _MAX_OCTAL_SIZE:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_BLOCK)
+    header[0:len(encoded)] = encoded
+    header[100:124] = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
+    header[124:136] = b"%011o\x00" % size
+    header[136:157] = b"00000000000\x00        0"  # mtime, checksum placeholder, typeflag '0' (regular)
+    header[257:265] = b"ustar\x0000"  # devmajor/devminor stay NUL for a regular file, as tarfile writes them
+    header[148:155] = b"%06o\x00" % sum(header)
+    return bytes(header)
 
 
 class TarShard:
     """The shard being written: ``add(name, data)`` appends a member; ``info`` is set once
-    the shard is published (see :func:`write_tar_shard`)."""
+    the shard is published (see :func:`write_tar_shard`). Bytes equal what ``tarfile`` writes
+    in USTAR format for the same members with our fixed header fields."""
 
-    def __init__(self, tar: tarfile.TarFile, name: str):
-        self._tar, self.name = tar, name
+    def __init__(self, out: BinaryIO, name: str):
+        self._out, self.name = out, name
+        self._sha256, self.size = hashlib.sha256(), 0
         self._keys: set[str] = set()
         self.info: ShardInfo | None = None
 
@@ -75,13 +89,21 @@ class TarShard:
         """Samples so far (distinct keys; a key is a member name up to its first dot)."""
         return len(self._keys)
 
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._sha256.update(data)
+        self.size += len(data)
+
     def add(self, name: str, data: bytes) -> None:
-        header = tarfile.TarInfo(name)
-        header.size, header.mtime, header.mode = len(data), 0, 0o644
-        header.uid = header.gid = 0
-        header.uname = header.gname = ""
-        self._tar.addfile(header, io.BytesIO(data))
+        padding = -len(data) % _BLOCK
+        self._write(b"".join((_ustar_header(name, len(data)), data, bytes(padding))))
         self._keys.add(name.split(".", 1)[0])
+
+    def close(self) -> ShardInfo:
+        """End the archive (two zero blocks, then zeros up to a whole record, as tarfile does)."""
+        end = self.size + 2 * _BLOCK
+        self._write(bytes(2 * _BLOCK + (-end % _RECORD)))
+        return ShardInfo(name=self.name, count=self.count, size=self.size, sha256=self._sha256.hexdigest())
 
 
 @contextlib.contextmanager
@@ -89,11 +111,9 @@ def write_tar_shard(url: str) -> Iterator[TarShard]:
     """Write a tar shard to ``url``, published atomically when the block exits cleanly (an
     exception publishes nothing). After the block, ``shard.info`` holds its size and SHA-256."""
     with storage.atomic_writer(url) as out:
-        hashing = _HashingWriter(out)
-        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            shard = TarShard(tar, storage.basename(url))
-            yield shard
-        info = ShardInfo(name=shard.name, count=shard.count, size=hashing.size, sha256=hashing.sha256.hexdigest())
+        shard = TarShard(out, storage.basename(url))
+        yield shard
+        info = shard.close()
     shard.info = info
 
 

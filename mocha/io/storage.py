@@ -14,6 +14,7 @@ its upload completes), so a crash mid-write leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -21,15 +22,20 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO, Iterable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 _COPY_CHUNK = 8 << 20
 _TMP_MARK = ".tmp-"
+#: Reads a :class:`RootReader` on S3 keeps in flight once given the paths ahead (S3 answers
+#: each GET after tens of milliseconds, so one at a time would leave a task waiting).
+READ_AHEAD = 16
 
 
 def is_s3(url: str) -> bool:
@@ -67,6 +73,57 @@ def s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     return _s3_filesystem(endpoint, region)
+
+
+_CLIENT_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    with _CLIENT_LOCK:  # a boto3 session is not thread-safe while it builds a client; the client is
+        return boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name=region,
+            config=Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=2 * READ_AHEAD))
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the current environment (same endpoint and region variables as
+    :func:`s3_filesystem`, the standard credential chain). Reads of whole objects and ranges go
+    through it: one GET each, where pyarrow's input files first send a HEAD for the size."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _s3_client(endpoint, region)
+
+
+def _get_object(url: str, byte_range: tuple[int, int] | None = None) -> bytes:
+    """An S3 object's bytes (or ``[start, end)`` of them) in one GET; a missing object is a
+    ``FileNotFoundError``, a refused one a ``PermissionError``, both naming the URL."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"not a valid S3 object URL (want s3://bucket/key): {url!r}")
+    kwargs = {"Bucket": bucket, "Key": key}
+    if byte_range is not None:
+        if byte_range[1] <= byte_range[0]:
+            return b""
+        kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+    try:
+        response = s3_client().get_object(**kwargs)
+        with contextlib.closing(response["Body"]) as body:
+            return body.read()
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+            raise FileNotFoundError(f"no such file: {url}") from None
+        if code in ("AccessDenied", "403"):
+            raise PermissionError(f"access denied: {url}") from None
+        if code == "InvalidRange":
+            return b""
+        raise OSError(f"cannot read {url}: {e}") from e
 
 
 def resolve_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
@@ -108,6 +165,47 @@ class RootReader:
             local = root[len("file://"):] if root.startswith("file://") else root
             self.real_root = os.path.realpath(str(Path(local).expanduser()))
         self._dirs: dict[str, str] = {}
+        self._ahead: collections.deque[tuple[str, Future]] = collections.deque()
+        self._upcoming: Iterator[str] = iter(())
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "RootReader":
+        return self
+
+    def read_ahead(self, relatives: Iterable[str]) -> None:
+        """Announce the paths the next :meth:`read` calls will ask for, in that order. On S3 up to
+        :data:`READ_AHEAD` of them are then fetched in the background (memory: that many files);
+        a read of an announced path takes its result, with the same exceptions a plain read
+        raises (announced paths before it that were skipped are dropped). Locally (reads are
+        fast) and for paths not announced, a read is a plain read."""
+        if not self.s3:
+            return
+        self.cancel_read_ahead()  # a new announcement replaces the last one
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="mocha-read-ahead")
+        self._upcoming = iter(relatives)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while len(self._ahead) < READ_AHEAD:
+            relative = next(self._upcoming, None)
+            if relative is None:
+                return
+            self._ahead.append((relative, self._pool.submit(self._read_now, relative)))
+
+    def cancel_read_ahead(self) -> None:
+        """Stop reading ahead (reads in flight finish; their bytes are dropped). The reader stays
+        usable; :meth:`read_ahead` starts again."""
+        self._upcoming = iter(())
+        for _, future in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel_read_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _inside(self, real: str, relative: str) -> str:
         if real != self.real_root and not real.startswith(self.real_root.rstrip("/") + "/"):
@@ -122,6 +220,16 @@ class RootReader:
         return real
 
     def read(self, relative: str) -> bytes:
+        for position, (announced, _) in enumerate(self._ahead):
+            if announced == relative:  # announced paths before it were not asked for: drop them
+                for _ in range(position):
+                    self._ahead.popleft()[1].cancel()
+                future = self._ahead.popleft()[1]
+                self._top_up()
+                return future.result()
+        return self._read_now(relative)
+
+    def _read_now(self, relative: str) -> bytes:
         if self.s3:
             url = join_url(self.root, relative)
             try:
@@ -145,16 +253,20 @@ class RootReader:
             path = self._inside(os.path.realpath(path), relative)
             fd = os.open(path, flags)
         try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
                 raise IsADirectoryError(f"{relative} is a folder")
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(info.st_mode):
                 raise IsADirectoryError(f"{relative} is not a regular file (device, FIFO or socket)")
-        except BaseException:
+            data = os.read(fd, info.st_size + 1)  # the usual file: one system call
+            if len(data) == info.st_size:
+                return data
+            chunks = [data]  # a short read (a file past 2 GiB) or a file that changed size: read to its end
+            while chunk := os.read(fd, 1 << 24):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
             os.close(fd)
-            raise
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
 
 
 def read_under_root(root: str, relative: str) -> bytes:
@@ -175,7 +287,9 @@ def file_size(url: str) -> int | None:
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole file; raises ``FileNotFoundError`` naming the URL when it is missing."""
+    """The whole file (one GET on S3); raises ``FileNotFoundError`` naming the URL when it is missing."""
+    if is_s3(url):
+        return _get_object(url)
     fs, path = resolve_filesystem(url)
     try:
         with fs.open_input_stream(path) as f:
@@ -256,12 +370,15 @@ def upload_file(local_path: str | Path, url: str) -> None:
 
 def read_range(url: str, offset: int, length: int) -> bytes:
     """``length`` bytes of ``url`` from ``offset`` (one ranged GET on S3, a seek locally)."""
-    fs, path = resolve_filesystem(url)
-    try:
-        with fs.open_input_file(path) as f:
-            data = f.read_at(length, offset)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {url}") from None
+    if is_s3(url):
+        data = _get_object(url, (offset, offset + length))
+    else:
+        fs, path = resolve_filesystem(url)
+        try:
+            with fs.open_input_file(path) as f:
+                data = f.read_at(length, offset)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {url}") from None
     if len(data) != length:
         raise OSError(f"{url}: wanted {length} bytes at {offset}, the file holds {len(data)} there (truncated?)")
     return data

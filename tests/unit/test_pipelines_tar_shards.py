@@ -83,3 +83,33 @@ def test_finished_build_keeps_no_markers_and_its_manifest_still_proves_completio
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
         {k: v for k, v in asdict(infos[1]).items() if k != "plan_sha256"}]}))
     assert completed_shard(out, "shard-000001.tar", "plan-1", finished_shards(out)) is None
+
+
+def _tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_shard_bytes_equal_what_tarfile_writes(tmp_path):
+    """The direct header writer must give tarfile's USTAR bytes for every kind of member: short
+    ASCII names (the fast path), names that need the prefix field or are not ASCII (tarfile's
+    path), empty data, data of exact block multiples and of record-boundary sizes."""
+    members = [("0000000001-a.json", b'{"id": 1}'), ("0000000001-a.jpg", bytes(range(256)) * 3),
+               ("e.txt", b""), ("block", b"x" * 512), ("rec", b"y" * (10240 - 3 * 512)),
+               ("d" * 100, b"100-byte name"), ("folder/" * 20 + "long-name.json", b"prefix field"),
+               ("caf\u00e9.json", b"non-ascii")]
+    for cut in range(1, len(members) + 1):
+        url = str(tmp_path / f"s{cut}.tar")
+        with write_tar_shard(url) as shard:
+            for name, data in members[:cut]:
+                shard.add(name, data)
+        data = (tmp_path / f"s{cut}.tar").read_bytes()
+        assert data == _tarfile_bytes(members[:cut]), members[cut - 1][0]
+        assert shard.info.size == len(data) and shard.info.sha256 == hashlib.sha256(data).hexdigest()
