@@ -256,9 +256,10 @@ def _write_shard(shard_id: int, name: str, plan_sha256: str, rows: list[tuple[in
             verdicts.append(verdict)
             if verdict.reason:
                 continue
-            tar.add(f"{verdict.key}.json", record_bytes(value))
+            members = [(f"{verdict.key}.json", record_bytes(value))]
             if data is not None:
-                tar.add(f"{verdict.key}.{ext}", data)
+                members.append((f"{verdict.key}.{ext}", data))
+            tar.add_members(members)
     info: ShardInfo | None = tar.info
     if info is not None and info.count == 0:
         storage.delete(url)  # an all-rejected chunk publishes no (empty) shard

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import tarfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
@@ -48,6 +48,7 @@ _BLOCK = tarfile.BLOCKSIZE  # 512: headers and member data are padded to it
 _RECORD = tarfile.RECORDSIZE  # 10240: the archive's length is padded to it, as tarfile does
 _NAME_BYTES = 100  # a USTAR name field; longer names go through tarfile (prefix split)
 _MAX_OCTAL_SIZE = 8**11  # the size field holds 11 octal digits
+_ZEROS = bytes(_BLOCK)
 
 
 def _ustar_header(name: str, size: int) -> bytes:
@@ -95,9 +96,15 @@ class TarShard:
         self.size += len(data)
 
     def add(self, name: str, data: bytes) -> None:
-        padding = -len(data) % _BLOCK
-        self._write(b"".join((_ustar_header(name, len(data)), data, bytes(padding))))
-        self._keys.add(name.split(".", 1)[0])
+        self.add_members(((name, data),))
+
+    def add_members(self, members: Iterable[tuple[str, bytes]]) -> None:
+        """Append several members (a sample's json and image) in one write."""
+        parts = []
+        for name, data in members:
+            parts += (_ustar_header(name, len(data)), data, _ZEROS[:-len(data) % _BLOCK])
+            self._keys.add(name.split(".", 1)[0])
+        self._write(b"".join(parts))
 
     def close(self) -> ShardInfo:
         """End the archive (two zero blocks, then zeros up to a whole record, as tarfile does)."""
