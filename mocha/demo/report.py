@@ -1,4 +1,5 @@
-"""The demo's ``report.md``: before/after scores, training curves, expert load, HGA gates."""
+"""The demo's ``report.md``: before/after scores, training curves, expert load, HGA gates, and its
+page of examples (``examples.md``, :mod:`mocha.demo.examples`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def write_demo_report(root: Path, summary: dict[str, Any]) -> Path:
     from PIL import Image
 
     from mocha.demo.evaluate import load_or_build
+    from mocha.demo.examples import EXAMPLES_PAGE, pick_examples, write_examples_page
     from mocha.demo.synthetic import DatasetPaths
     from mocha.eval.gates import collect_hga_gates
     from mocha.report.plots import write_training_plots
@@ -30,6 +32,7 @@ def write_demo_report(root: Path, summary: dict[str, Any]) -> Path:
     plots = write_training_plots(records, root / "plots", gates=gates)
 
     before, after = summary["untrained"], summary["trained"]
+    write_examples_page(root, paths.image_dir, pick_examples(before["answers_dir"], after["answers_dir"]))
     headline = markdown_table(
         ["model", "POPE accuracy (mean of 3 splits)", "MME total score"],
         [["before MoCHA training (same LLM, untrained connectors)", f"{before['pope_accuracy']:.1%}",
@@ -52,6 +55,9 @@ def write_demo_report(root: Path, summary: dict[str, Any]) -> Path:
                       "received at each step (top-1 routing), then the HGA gate per encoder group on held-out images.",
                       images=[plots[k] for k in ("losses", "expert_load", "hga_gates") if k in plots]),
         ReportSection("Generated answers", "Greedy decoding on held-out images.", [samples]),
+        ReportSection("Examples", f"[{EXAMPLES_PAGE}]({EXAMPLES_PAGE}): for the first yes- and no-labelled "
+                      "question of every POPE split and MME subtask, the held-out image, the question and the "
+                      "answers before and after MoCHA training."),
         ReportSection("Timings", "", [timings]),
     ]
     return write_report(root, *sections, title="MoCHA demo report")

@@ -39,6 +39,10 @@ def test_reduced_demo_learns_and_writes_its_report(ray_cluster, tmp_path):
     for png in ("losses.png", "expert_load.png", "hga_gates.png"):
         assert f"plots/{png}" in report and (root / "plots" / png).stat().st_size > 1000
     assert "POPE (after stage 2)" in report and "MME (after stage 2)" in report
+    examples = (root / "examples.md").read_text()
+    assert "(examples.md)" in report
+    for section in ("POPE adversarial", "POPE popular", "POPE random", "MME existence", "MME count", "MME color"):
+        assert examples.count(f"| {section} | ![eval_") == 2, section  # its first yes and first no question
     assert json.loads((root / "summary.json").read_text())["trained"]["pope_accuracy"] == after["pope_accuracy"]
     # the run directory holds what the demo promises
     for stage in (1, 2):
