@@ -31,8 +31,10 @@ class DemoConfig(StrictModel):
     num_eval: int = Field(default=64, ge=8, description="held-out images for POPE / MME")
     llm_pretrain_steps: int = Field(default=1000, ge=0, description="text pre-training steps of the tiny LLM "
                                     "(0: MoCHA training starts from a random LLM, which stage 1 cannot align to)")
-    stage1_steps: int = Field(default=300, ge=1)
-    stage2_steps: int = Field(default=300, ge=1)
+    stage1_steps: int = Field(default=150, ge=1, description="stage-1 (caption alignment) optimizer steps")
+    stage2_steps: int = Field(default=600, ge=1, description="stage-2 (instruction tuning) optimizer steps")
+    stage1_lr: float = Field(default=2e-3, gt=0, description="stage-1 peak learning rate")
+    stage2_lr: float = Field(default=1e-3, gt=0, description="stage-2 peak learning rate")
     global_batch_size: int = Field(default=16, ge=2)
     width: int = Field(default=128, ge=16, multiple_of=8, description="LLM hidden size (the tiny model's width; a multiple of 8)")
     layers: int = Field(default=2, ge=1, description="LLM layers")
@@ -74,7 +76,7 @@ def demo_job(cfg: DemoConfig, stage: int, root: Path, init_from: str | None = No
         "data": {"shards": str(data / "shards"), "features": str(data / "features"), "num_streams": cfg.workers},
         "schedule": {"global_batch_size": cfg.global_batch_size, "micro_batch_size": cfg.global_batch_size // cfg.workers,
                      "max_steps": cfg.stage1_steps if stage == 1 else cfg.stage2_steps,
-                     "lr": 2e-3 if stage == 1 else 1e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+                     "lr": cfg.stage1_lr if stage == 1 else cfg.stage2_lr, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
                      "precision": "fp32", "seed": cfg.seed, "log_every": 10},
         "deepspeed": {"zero_stage": 2, "ep_size": cfg.ep_size},
         "checkpoint": {"every_steps": max(10, (cfg.stage1_steps if stage == 1 else cfg.stage2_steps) // 3), "keep": 2},

@@ -95,7 +95,7 @@ class TextExamples:
 
     def conversation_example(self) -> Example:
         scene = self.scene()
-        turns = instruction_turns(scene, self.rng)
+        turns = instruction_turns(scene, self.rng, positional=False)  # the description has no left/right
         turns[0] = {**turns[0], "value": turns[0]["value"].replace(IMAGE_TOKEN, describe(scene, self.rng), 1)}
         return self.tokenize(turns)
 

@@ -227,14 +227,62 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def instruction_turns(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
-    """A multi-turn LLaVA conversation about the scene (first human value starts "<image>\\n").
+#: Existence questions per stage-2 conversation (:func:`instruction_turns`).
+EXISTENCE_QUESTIONS = 3
 
-    Always one existence question answered "Yes." and one answered "No.", plus one or two of:
-    colour of a shape that occurs once, shape of a colour that occurs once, object count.
-    """
+#: The suffix MME puts on its yes/no questions (and the demo's stage-2 data on its own).
+YES_NO_SUFFIX = " Please answer yes or no."
+
+
+def _yes_no_forms(scene: Scene, rng: np.random.Generator, positional: bool) -> list[tuple[str, str]]:
+    """One yes/no question in each of MME's forms the scene allows (existence, count, colour and,
+    with ``positional``, left/right), its label drawn at random, the suffix included."""
+    yes = rng.random() < 0.5
     present = scene.objects[int(rng.integers(len(scene.objects)))]
-    pairs = [(existence_question(present.name), "Yes."), (existence_question(_absent_object(scene, rng)), "No.")]
+    forms = [f"Is there a {present.name if yes else _absent_object(scene, rng)} in this image?"]
+    count = len(scene.objects)
+    forms.append(_count_question(count if yes else [n for n in range(1, 5) if n != count][int(rng.integers(3))]))
+    colours = sorted({o.colour for o in scene.objects})
+    pool = colours if yes else [c for c in COLOURS if c not in colours]
+    forms.append(f"Is there a {pool[int(rng.integers(len(pool)))]} object in this image?")
+    by_x = sorted(scene.objects, key=lambda o: o.centre_x)
+    if positional and len(by_x) > 1 and by_x[0].box[2] < by_x[-1].box[0]:
+        left, right = by_x[0], by_x[-1]
+        subject, other, side = (left, right, "left") if rng.random() < 0.5 else (right, left, "right")
+        if not yes:
+            side = "right" if side == "left" else "left"
+        forms.append(f"Is the {subject.name} on the {side} of the {other.name}?")
+    answer = "Yes." if yes else "No."
+    return [(f + YES_NO_SUFFIX, answer) for f in forms]
+
+
+def instruction_turns(scene: Scene, rng: np.random.Generator, positional: bool = True) -> list[dict[str, str]]:
+    """A multi-turn LLaVA conversation about the scene (first human value starts "<image>\\n"),
+    a small LLaVA-665K-like mix of question kinds, in random order:
+
+    - :data:`EXISTENCE_QUESTIONS` existence questions ("Is there a red circle in the image?"), each
+      about a present object ("Yes.") or an absent one ("No.", half the time one sharing a colour or
+      shape with a present one) with probability 1/2 on its own, so that no answer can be inferred
+      from the others (with a fixed yes/no count per conversation a tiny model learns to answer the
+      last one from the earlier answers instead of from the image); no object is asked twice;
+    - one or two open questions: colour of a shape that occurs once, shape of a colour that occurs
+      once, object count;
+    - one yes/no question in one of MME's forms (existence, count, colour, left/right; the last
+      only with ``positional``), suffixed "Please answer yes or no." like MME's.
+
+    ``positional=False`` leaves out what depends on where objects are (the text pre-training's
+    scenes are written as an unordered list).
+    """
+    pairs = []
+    unasked = [o.name for o in scene.objects]
+    for _ in range(EXISTENCE_QUESTIONS):
+        if unasked and rng.random() < 0.5:  # each label drawn on its own: the others do not give it away
+            pairs.append((existence_question(unasked.pop(int(rng.integers(len(unasked))))), "Yes."))
+        else:
+            name = _absent_object(scene, rng)
+            while any(existence_question(name) == q for q, _ in pairs):
+                name = _absent_object(scene, rng)
+            pairs.append((existence_question(name), "No."))
     shapes = Counter(o.shape for o in scene.objects)
     colours = Counter(o.colour for o in scene.objects)
     count = len(scene.objects)
@@ -243,6 +291,8 @@ def instruction_turns(scene: Scene, rng: np.random.Generator) -> list[dict[str, 
     extras += [(f"What shape is the {o.colour} object?", f"A {o.shape}.") for o in scene.objects if colours[o.colour] == 1]
     picked = rng.choice(len(extras), size=min(len(extras), int(rng.integers(1, 3))), replace=False)
     pairs += [extras[i] for i in picked]
+    forms = _yes_no_forms(scene, rng, positional)
+    pairs.append(forms[int(rng.integers(len(forms)))])
     order = rng.permutation(len(pairs))
     turns: list[dict[str, str]] = []
     for position, i in enumerate(order):
@@ -296,7 +346,7 @@ def _count_question(n: int) -> str:
 def mme_questions(scenes: Sequence[Scene], rng: np.random.Generator) -> dict[str, list[tuple[str, str, str]]]:
     """MME-style paired questions per subtask: for each image (image, question, "Yes") then
     (image, question, "No")."""
-    suffix = " Please answer yes or no."
+    suffix = YES_NO_SUFFIX
     subtasks: dict[str, list[tuple[str, str, str]]] = {name: [] for name in MME_SUBTASKS}
     for scene in scenes:
         def pair(subtask: str, yes: str, no: str) -> None:
