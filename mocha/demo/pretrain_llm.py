@@ -16,8 +16,9 @@ the same generator the dataset uses, with a different seed) written as a line of
 - a caption of the scene (the stage-1 form: description, then caption, as ``<image>`` then
   caption), or
 - a multi-turn conversation about it in the stage-2 template: existence, colour, shape and count
-  questions (:func:`mocha.demo.synthetic.instruction_turns`), the description standing where
-  the image goes.
+  questions and yes/no questions in MME's forms (:func:`mocha.demo.synthetic.instruction_turns`
+  without left/right, which an unordered description cannot answer), the description standing
+  where the image goes.
 
 So the LLM learns to read a list of objects from its context and to describe it or answer
 questions about it: the skills a pre-trained LLM brings. Whether an object is in an *image* is

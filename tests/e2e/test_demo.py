@@ -31,7 +31,9 @@ def test_reduced_demo_learns_and_writes_its_report(ray_cluster, tmp_path):
     in_form = sum(a["text"] in ("Yes.", "No.") for a in pope_answers) / len(pope_answers)
     assert in_form >= 0.9, sorted({a["text"] for a in pope_answers})
     assert summary["llm_pretraining"]["yes_no_accuracy_after"] >= 0.7, summary["llm_pretraining"]
-    assert after["pope_accuracy"] >= before["pope_accuracy"] + 0.05, (before["pope_accuracy"], after["pope_accuracy"])
+    # measured +19 points on 2 CPU cores (46.6% -> 65.9%); untrained connectors or a hand-off that is
+    # not loaded leave it near 50%
+    assert after["pope_accuracy"] >= before["pope_accuracy"] + 0.10, (before["pope_accuracy"], after["pope_accuracy"])
     assert (root / "llm" / "model.safetensors").exists() and "pre-trained on text" in (root / "report.md").read_text()
     stage2 = [json.loads(line) for line in (root / "train" / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert stage2[-1]["lm_loss"] < 0.5 * stage2[0]["lm_loss"]
