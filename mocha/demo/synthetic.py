@@ -230,6 +230,9 @@ def _plural(n: int, word: str) -> str:
 #: Existence questions per stage-2 conversation (:func:`instruction_turns`).
 EXISTENCE_QUESTIONS = 3
 
+#: Yes/no questions in MME's forms per stage-2 conversation (distinct forms).
+YES_NO_QUESTIONS = 1
+
 #: The suffix MME puts on its yes/no questions (and the demo's stage-2 data on its own).
 YES_NO_SUFFIX = " Please answer yes or no."
 
@@ -292,7 +295,7 @@ def instruction_turns(scene: Scene, rng: np.random.Generator, positional: bool =
     picked = rng.choice(len(extras), size=min(len(extras), int(rng.integers(1, 3))), replace=False)
     pairs += [extras[i] for i in picked]
     forms = _yes_no_forms(scene, rng, positional)
-    pairs.append(forms[int(rng.integers(len(forms)))])
+    pairs += [forms[i] for i in rng.choice(len(forms), size=min(len(forms), YES_NO_QUESTIONS), replace=False)]
     order = rng.permutation(len(pairs))
     turns: list[dict[str, str]] = []
     for position, i in enumerate(order):
