@@ -172,11 +172,18 @@ def test_stage2_with_moe_llm_on_2_workers_resumes_on_1_exports_and_generates(mix
     exported = load_file(one / "export" / "model.safetensors")
     prefix = "llm.model.layers.1.mlp.experts."
     assert {int(k[len(prefix):].split(".")[0]) for k in exported if k.startswith(prefix)} == {0, 1, 2, 3}
+    # the experts start as identical copies of the FFN and come out different: each saw its own
+    # routed tokens; layer 0 stays dense
+    import torch
+
+    weights = [torch.cat([v.flatten() for k, v in sorted(exported.items()) if k.startswith(f"{prefix}{i}.")])
+               for i in range(4)]
+    assert all(not torch.equal(weights[0], w) for w in weights[1:])
+    assert not any(k.startswith("llm.model.layers.0.mlp.experts.") for k in exported)
     gif = next(p for p in (root / "raw" / "images").glob("*.gif"))
     assert main(["generate", "--checkpoint", str(one / "export"), "--image", str(gif),
                  "--prompt", "What is in the picture?", "--max-new-tokens", "8", "--device", "cpu"]) == 0
 
-    import torch
     from PIL import Image
 
     from mocha.export.pretrained import load_pretrained
@@ -184,7 +191,8 @@ def test_stage2_with_moe_llm_on_2_workers_resumes_on_1_exports_and_generates(mix
     from mocha.text.conversation import tokenize_prompt
 
     model, tokenizer = load_pretrained(str(one / "export"))  # what `mocha generate` loaded
-    assert isinstance(model.llm.model.layers[1].mlp, MoEFeedForward)
+    assert isinstance(model.llm.model.layers[1].mlp, MoEFeedForward) and model.config.llm_experts.layers == [1]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
     ids = torch.tensor([tokenize_prompt([{"from": "human", "value": "<image>\nWhat is in the picture?"}], tokenizer,
                                         model.config.template, image_token_first=True)])
     with Image.open(gif) as image:
