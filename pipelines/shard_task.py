@@ -241,8 +241,7 @@ def _build_or_reuse(shard_id: int, rows: list[tuple[int, Any]], images: str, out
 
 def _image_fields(rows: list[tuple[int, Any]]) -> Iterator[str]:
     for _, value in rows:
-        image = value.get("image") if isinstance(value, dict) else None
-        if isinstance(image, str):
+        if isinstance(image := _scalar(value, "image"), str):
             yield image
 
 
