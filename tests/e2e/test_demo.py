@@ -2,7 +2,7 @@
 ep_size 2), real evaluation and report.
 
 What the trained model must show at this size: the text pre-training taught the LLM to answer
-yes/no questions about described scenes, its stage-2 loss fell to under half, it answers POPE's
+yes/no questions about described scenes (at least 95% of held-out ones), its stage-2 loss fell to under half, it answers POPE's
 existence questions in the trained "Yes."/"No." form, and it answers them clearly better than the
 same model before MoCHA training (pre-trained LLM, untrained connectors): the visual tokens
 carry which objects are in a held-out image."""
@@ -30,10 +30,15 @@ def test_reduced_demo_learns_and_writes_its_report(ray_cluster, tmp_path):
                     .read_text().splitlines()]
     in_form = sum(a["text"] in ("Yes.", "No.") for a in pope_answers) / len(pope_answers)
     assert in_form >= 0.9, sorted({a["text"] for a in pope_answers})
-    assert summary["llm_pretraining"]["yes_no_accuracy_after"] >= 0.7, summary["llm_pretraining"]
-    # measured +19 points on 2 CPU cores (46.6% -> 65.9%); untrained connectors or a hand-off that is
+    # measured 100% (50% before); an LLM that did not learn the look-up caps everything after it
+    assert summary["llm_pretraining"]["yes_no_accuracy_after"] >= 0.95, summary["llm_pretraining"]
+    # measured +37 points on 2 CPU cores (50.0% -> 87.1%); untrained connectors or a hand-off that is
     # not loaded leave it near 50%
-    assert after["pope_accuracy"] >= before["pope_accuracy"] + 0.10, (before["pope_accuracy"], after["pope_accuracy"])
+    assert after["pope_accuracy"] >= before["pope_accuracy"] + 0.25, (before["pope_accuracy"], after["pope_accuracy"])
+    # MME's yes/no forms (learnt in stage 2 only): measured existence and colour 52% -> 88%
+    mme_before, mme_after = before["scores"]["mme"]["subtasks"], after["scores"]["mme"]["subtasks"]
+    for subtask in ("existence", "color"):
+        assert mme_after[subtask]["accuracy"] >= mme_before[subtask]["accuracy"] + 0.2, (subtask, mme_before, mme_after)
     assert (root / "llm" / "model.safetensors").exists() and "pre-trained on text" in (root / "report.md").read_text()
     stage2 = [json.loads(line) for line in (root / "train" / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert stage2[-1]["lm_loss"] < 0.5 * stage2[0]["lm_loss"]
