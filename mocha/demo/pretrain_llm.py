@@ -26,8 +26,8 @@ still only answerable once stages 1 and 2 teach the connectors to put the image'
 the visual tokens. Held-out images and their scenes are never used here.
 
 How much it learns decides the demo. Measured (held-out yes/no accuracy on 512 described scenes
-after 1,000 steps of batch 32): lr 3e-3 with half the examples captions gave 76-89% depending on
-the tokenizer (the look-up -- is the asked colour in the description -- appears late, after
+after 1,000 steps of batch 32): lr 3e-3 with half the examples captions gave 76-89% in different runs
+(the look-up -- is the asked colour in the description -- appears late, after
 ~600 steps, and did not always finish); lr 6e-3 never found it (53% at 800 steps); lr 2e-3 with
 one example in ten a caption gave 99-100% with the default demo's tokenizer but 58% with the
 reduced test demo's; lr 1e-3 with one caption in ten gives 92-99% at 600 steps and 100% at
